@@ -1,0 +1,213 @@
+"""The ``dialogrl`` command line. Every user error is one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from dialogrl.types import DialogRLError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line instead of usage + error
+        raise DialogRLError(f"{self.prog}: {message}")
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _env_args(p: argparse.ArgumentParser, split: str) -> None:
+    p.add_argument("--env", default="dialogrl/CustomerService-v0", help="registered env id")
+    p.add_argument("--split", default=split, choices=["train", "test"])
+    p.add_argument("--episodes", type=_count, default=200, help="number of scenarios")
+    p.add_argument("--seed", type=int, default=0, help="scenario seeds are derived from this seed")
+    p.add_argument("--reward", action="append", metavar="NAME_OR_PATH[=WEIGHT]",
+                   help="reward component (repeatable); default: the built-in weighted mix")
+    p.add_argument("--scenario", action="append", metavar="YAML", help="extra scenario file (repeatable)")
+    p.add_argument("--intent", action="append", help="keep only these intents (repeatable)")
+    p.add_argument("--max-turns", type=_count, default=12)
+
+
+def _env_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"max_turns": args.max_turns}
+    if args.reward:
+        kwargs["reward"] = args.reward
+    if args.scenario:
+        kwargs["scenario_files"] = args.scenario
+    if args.intent:
+        kwargs["intents"] = args.intent
+    return kwargs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dialogrl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sub.add_parser("envs", help="list registered environment ids")
+    sub.add_parser("rewards", help="list registered reward functions")
+
+    p = sub.add_parser("logs", help="write conversation logs (HF messages JSONL) from a scripted policy")
+    p.add_argument("--policy", default="historical")
+    p.add_argument("--out", required=True, type=Path)
+    _env_args(p, "train")
+
+    p = sub.add_parser("eval", help="evaluate a policy on held-out scenarios")
+    p.add_argument("--policy", required=True, help="expert | historical | random | a run directory")
+    p.add_argument("--repeats", type=_count, default=1, help="episodes per scenario (for pass^k)")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--method", help="method name in reports (default: the policy's name)")
+    _env_args(p, "test")
+
+    p = sub.add_parser("compare", help="compare evaluations with a baseline: report.md, report.json, report.png")
+    p.add_argument("inputs", nargs="+", help="eval JSON files or run directories holding eval.json")
+    p.add_argument("--baseline", required=True, help="method name of the baseline")
+    p.add_argument("--out", required=True, type=Path)
+
+    p = sub.add_parser("sb3", help="train stable-baselines3 on the dialogue-act env and evaluate it")
+    p.add_argument("--algo", default="ppo", choices=["ppo", "dqn"])
+    p.add_argument("--timesteps", type=_count, default=50_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=Path)
+
+    p = sub.add_parser("quickstart", help="the main job: evaluate and compare every policy on the test split")
+    p.add_argument("--episodes", type=_count, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("runs/quickstart"))
+    return parser
+
+
+def _cmd_envs(_: argparse.Namespace) -> None:
+    from dialogrl.envs import ENV_SPECS
+
+    for spec in ENV_SPECS:
+        print(spec["id"], spec["kwargs"] or "")
+
+
+def _cmd_rewards(_: argparse.Namespace) -> None:
+    from dialogrl.rewards import DEFAULT_WEIGHTS, list_rewards
+
+    for name, doc in list_rewards().items():
+        weight = DEFAULT_WEIGHTS.get(name)
+        print(f"{name:16s} {'default weight ' + str(weight) if weight is not None else '':22s} {doc}")
+
+
+def _load_policy(spec: str, seed: int) -> Any:
+    from dialogrl.policies.scripted import SCRIPTED, make_scripted
+
+    if spec in SCRIPTED:
+        return make_scripted(spec, seed=seed)
+    if Path(spec).is_dir():
+        from dialogrl.policies.lm import LMPolicy
+
+        return LMPolicy.from_run_dir(spec)
+    raise DialogRLError(f"unknown policy '{spec}'; use one of {', '.join(SCRIPTED)} or a run directory")
+
+
+def _cmd_logs(args: argparse.Namespace) -> None:
+    from dialogrl.evaluation import make_env, run_episodes, scenario_seeds, text_policy_act
+
+    policy = _load_policy(args.policy, args.seed)
+    kwargs = {"split": args.split, **_env_kwargs(args)}
+    make_env(args.env, **kwargs).close()
+    records = run_episodes(lambda: make_env(args.env, **kwargs), text_policy_act(policy),
+                           scenario_seeds(args.seed, args.episodes), keep_messages=True)
+    write_jsonl(records, args.out)
+    rate = sum(r["success"] for r in records) / len(records)
+    print(f"wrote {len(records)} conversations to {args.out} (success rate {rate:.3f})")
+
+
+def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:
+    """Conversation logs: ``messages`` first, metadata beside it; written atomically."""
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        for r in records:
+            row = {"messages": r["messages"], "intent": r["intent"], "persona": r["persona"],
+                   "seed": r["scenario_seed"], "success": r["success"], "return": r["return"],
+                   "reward_components": r["reward_components"]}
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from dialogrl.evaluation import evaluate, write_json
+
+    policy = _load_policy(args.policy, args.seed)
+    result = evaluate(policy, args.env, split=args.split, episodes=args.episodes, seed=args.seed,
+                      repeats=args.repeats, env_kwargs=_env_kwargs(args), method=args.method,
+                      decoding=getattr(policy, "decoding", "scripted"))
+    print(format_metrics({result["method"]: result}))
+    if args.out:
+        write_json(result, args.out)
+        print(f"wrote {args.out}")
+    return result
+
+
+def format_metrics(results: dict[str, dict[str, Any]]) -> str:
+    """A console table of the headline metrics, one row per method."""
+    cols = ("success_rate", "mean_return", "mean_turns", "violation_rate", "invalid_action_rate")
+    lines = [f"{'method':14s}" + "".join(f"{c:>20s}" for c in cols)]
+    for name, result in results.items():
+        lines.append(f"{name:14s}" + "".join(f"{result['metrics'][c]:20.3f}" for c in cols))
+    return "\n".join(lines)
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from dialogrl.report import compare, format_table
+
+    report = compare(args.inputs, args.baseline, args.out)
+    print(format_table(report))
+    print(f"wrote {args.out}/report.md, report.json, report.png")
+
+
+def _cmd_sb3(args: argparse.Namespace) -> None:
+    from dialogrl.agents.sb3 import main_sb3
+
+    main_sb3(args.algo, args.timesteps, args.out, args.seed)
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> None:
+    from dialogrl.evaluation import evaluate, write_json
+    from dialogrl.policies.scripted import make_scripted
+
+    results = {}
+    for name in ("random", "historical", "expert"):
+        results[name] = evaluate(make_scripted(name, seed=args.seed), episodes=args.episodes, seed=args.seed)
+        write_json(results[name], args.out / f"eval_{name}.json")
+    print(format_metrics(results))
+    print(f"wrote {args.out}/eval_*.json")
+
+
+COMMANDS = {"envs": _cmd_envs, "rewards": _cmd_rewards, "logs": _cmd_logs, "eval": _cmd_eval,
+            "compare": _cmd_compare, "sb3": _cmd_sb3, "quickstart": _cmd_quickstart}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        COMMANDS[args.command](args)
+    except DialogRLError as exc:
+        print(f"dialogrl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dialogrl: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""The text customer-service environment."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from dialogrl.types import ActionResult, DialogRLError, Message, ParsedAction, Transition
+
+from .actions import MAX_ACTIONS, MAX_REPLY_CHARS, ParseError, parse_reply
+from .database import REFUND_WINDOW_DAYS, RETURN_WINDOW_DAYS
+from .scenario import Scenario, builtin_scenarios, load_scenario, sample_world
+from .simulator import SimulatedCustomer, customer_config
+
+CHARSET = "".join(chr(i) for i in range(32, 127)) + "\n"
+_TO_CHARSET = {i: "?" for i in range(32) if i != 10} | {127: "?"}
+SYSTEM_PROMPT = (
+    "You are a support agent of an online shop. Act with [action key=value] in your reply. Actions: "
+    "verify email zip | lookup_order order | refund order | return order | update_address order address | "
+    "reset_password | cancel_subscription | lookup_product name | escalate reason | end. "
+    "Policy: verify identity before any order or account change; refunds within "
+    f"{REFUND_WINDOW_DAYS} days of delivery, returns within {RETURN_WINDOW_DAYS}, address changes before "
+    "shipping, never twice; escalate requests outside policy; tell the customer the outcome, then end."
+)
+ROLE_NAMES = {"user": "customer", "assistant": "agent", "tool": "tool"}
+
+
+def sanitize(text: str) -> str:
+    """Map any text into the observation charset (printable ASCII and newline)."""
+    return text.encode("ascii", "replace").decode("ascii").translate(_TO_CHARSET)
+
+
+class CustomerServiceEnv(gym.Env[str, str]):
+    """A multi-turn customer-service conversation with a simulated customer and a back-office database.
+
+    ## Action Space
+    ``Text``: the agent's reply. Actions on the world are written inline, e.g. ``[refund order=A10420]``
+    (syntax and tool table in ``dialogrl.envs.actions``). Replies are cut at 2,000 characters; any string is
+    accepted: malformed, unknown or forbidden actions become penalised events and tool error messages.
+
+    ## Observation
+    ``Text``: the conversation so far (``customer:``, ``agent:``, ``tool:`` lines, printable ASCII), the last
+    ``obs_chars`` characters. ``info["messages"]`` holds the same conversation in Hugging Face messages format,
+    starting with the system prompt that states the business policy.
+
+    ## Rewards
+    A weighted sum of reward functions (``dialogrl.rewards``; default: success, violation, invalid_action,
+    turn_cost, politeness), each reported in ``info["reward_components"]``. ``reward=`` takes names,
+    ``pkg.module:function`` paths, ``NAME=WEIGHT`` specs, a ``{name: weight}`` dict or callables.
+
+    ## Starting State
+    ``reset(seed)`` draws an intent, a persona, a database (3 customers, their orders, the catalogue) and a goal;
+    the customer opens the conversation.
+
+    ## Episode End
+    Terminated when the agent runs ``[end]`` or ``[escalate]``, or the customer runs out of patience.
+    Truncated after ``max_turns`` agent turns. Success (``info["success"]``) is judged at the end: the database
+    is in the goal's expected state, the customer was told the outcome, and no policy was violated.
+
+    ## Arguments
+    ``split`` ("train" | "test"), ``intents`` (names to keep), ``personas`` (names to keep),
+    ``scenario_files`` (extra scenario YAML paths), ``reward``, ``max_turns``, ``obs_chars``, ``render_mode``
+    ("ansi" returns the transcript).
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 1}
+
+    def __init__(
+        self,
+        split: str = "train",
+        intents: Sequence[str] | None = None,
+        personas: Sequence[str] | None = None,
+        scenario_files: str | Path | Sequence[str | Path] | None = None,
+        reward: Any = None,
+        max_turns: int = 12,
+        obs_chars: int = 4096,
+        render_mode: str | None = None,
+    ) -> None:
+        from dialogrl.rewards import RewardCombiner  # rewards import the env's types only
+
+        if split not in ("train", "test"):
+            raise DialogRLError(f"unknown split '{split}'; use 'train' or 'test'")
+        if render_mode not in (None, "ansi"):
+            raise DialogRLError(f"unknown render_mode '{render_mode}'; use 'ansi'")
+        if max_turns < 1:
+            raise DialogRLError(f"max_turns must be at least 1, got {max_turns}")
+        self.split, self.max_turns, self.obs_chars, self.render_mode = split, max_turns, obs_chars, render_mode
+        self.scenarios = _select_scenarios(intents, scenario_files)
+        mix = customer_config()["persona_mix"][split]
+        if personas is not None:
+            unknown = sorted(set(personas) - set(customer_config()["personas"]))
+            if unknown:
+                raise DialogRLError(
+                    f"unknown persona '{unknown[0]}'; known: {', '.join(customer_config()['personas'])}")
+            mix = {p: w for p, w in mix.items() if p in personas} or {p: 1.0 for p in personas}
+        self.persona_mix = mix
+        self.reward_fn = RewardCombiner.from_specs(reward)
+        self.observation_space = spaces.Text(max_length=obs_chars, min_length=0, charset=CHARSET)
+        self.action_space = spaces.Text(max_length=MAX_REPLY_CHARS, min_length=0, charset=CHARSET)
+        self.messages: list[Message] = []
+
+    # --- gym API ---------------------------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+        super().reset(seed=seed)
+        rng = self.np_random
+        self.scenario: Scenario = self.scenarios[int(rng.integers(len(self.scenarios)))]
+        names = list(self.persona_mix)
+        weights = np.asarray([self.persona_mix[n] for n in names], dtype=float)
+        persona = customer_config()["personas"][names[int(rng.choice(len(names), p=weights / weights.sum()))]]
+        self.db, self.goal, me = sample_world(rng, self.scenario, self.split)
+        self.customer = SimulatedCustomer(rng, self.scenario, self.goal, persona, self.split)
+        self.messages = [{"role": "system", "content": SYSTEM_PROMPT},
+                         {"role": "user", "content": self.customer.opening()}]
+        self.turn, self.done, self.informed = 0, False, False
+        self.violations: list[str] = []
+        self.invalid_actions = 0
+        self.looked_up: set[str] = set()
+        self.episode_return = 0.0
+        self.component_sums: dict[str, float] = {}
+        self.scenario_info = {
+            "intent": self.scenario.intent, "persona": persona.name, "split": self.split, "seed": seed,
+            "target": self.scenario.target, "resolution": self.scenario.resolution,
+            "requires_verification": self.scenario.requires_verification, "eligible": self.goal.eligible,
+            "inform": list(self.goal.inform), "customer": me.name,
+        }
+        return self._observation(), self._info({}, success=False)
+
+    def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
+        if self.done or not self.messages:
+            raise DialogRLError("the episode is over: call reset() before step()")
+        reply = action if isinstance(action, str) else str(action)
+        reply = reply[:MAX_REPLY_CHARS]
+        results = self._run_actions(reply)
+        _, text = parse_reply(reply)
+        self.messages.append({"role": "assistant", "content": reply})
+        self.messages += [{"role": "tool", "content": r.message} for r in results]
+        ended = any(r.ok and r.action.name in ("end", "escalate") for r in results)
+        informed_now = not self.informed and self._tells_outcome(text)
+        self.informed |= informed_now
+        customer_reply = None
+        if not ended:
+            progressed = any(r.ok for r in results)
+            customer_reply = self.customer.respond(text, progressed, informed_now)
+            if customer_reply is not None:
+                self.messages.append({"role": "user", "content": customer_reply})
+        self.turn += 1
+        terminated = ended or self.customer.left
+        truncated = not terminated and self.turn >= self.max_turns
+        self.done = terminated or truncated
+        success = self._judge()
+        transition = Transition(
+            messages=self.messages, reply=reply, actions=results, scenario=self.scenario_info, turn=self.turn - 1,
+            terminated=terminated, truncated=truncated, success=success if self.done else None,
+            customer_reply=customer_reply,
+            info={"violations_so_far": len(self.violations), "persona": self.customer.persona.name,
+                  "informed": self.informed},
+        )
+        reward, components = self.reward_fn(transition)
+        self.episode_return += reward
+        for name, value in components.items():
+            self.component_sums[name] = self.component_sums.get(name, 0.0) + value
+        return self._observation(), float(reward), terminated, truncated, self._info(components, success, results)
+
+    def render(self) -> str | None:
+        if self.render_mode == "ansi":
+            return "\n".join(f"{m['role']}: {m['content']}" for m in self.messages) + "\n"
+        return None
+
+    # --- internals -------------------------------------------------------------------------------------------
+    def _run_actions(self, reply: str) -> list[ActionResult]:
+        parsed, _ = parse_reply(reply)
+        results: list[ActionResult] = []
+        for i, item in enumerate(parsed):
+            if isinstance(item, ParseError):
+                bad = ParsedAction("invalid", {}, item.raw[:80])
+                result = ActionResult(bad, False, f"error: invalid action {item.raw[:80]!r}: {item.reason}", "invalid")
+            elif i >= MAX_ACTIONS:
+                result = ActionResult(item, False, f"error: more than {MAX_ACTIONS} actions in one reply", "invalid")
+            elif results and results[-1].ok and results[-1].action.name in ("end", "escalate"):
+                result = ActionResult(item, False, "error: the conversation has already ended", "invalid")
+            else:
+                result = self.db.apply(item)
+                if result.ok and item.name in ("lookup_order", "lookup_product"):
+                    self.looked_up.add(next(iter(item.args.values())).lower())
+            if result.kind == "violation":
+                self.violations.append(result.message)
+            elif result.kind == "invalid":
+                self.invalid_actions += 1
+            results.append(result)
+        return results
+
+    def _tells_outcome(self, text: str) -> bool:
+        """The reply states every fact the customer must hear, after the goal state was reached."""
+        if not self.goal.inform or self.db.state() != self.goal.expected_state:
+            return False
+        if self.scenario.resolution == "none":  # read-only intents: the fact must come from a lookup, not a guess
+            target = self.goal.slots.get("order") or self.goal.slots.get("product", "")
+            if target.lower() not in self.looked_up:
+                return False
+        lower = text.lower()
+        return all(fact.lower() in lower for fact in self.goal.inform)
+
+    def _judge(self) -> bool:
+        return (not self.violations and self.db.state() == self.goal.expected_state
+                and (self.informed or not self.goal.inform))
+
+    def _observation(self) -> str:
+        text = "\n".join(f"{ROLE_NAMES[m['role']]}: {m['content']}" for m in self.messages if m["role"] != "system")
+        return sanitize(text[-self.obs_chars:])
+
+    def _info(self, components: dict[str, float], success: bool, results: list[ActionResult] = ()) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "messages": [dict(m) for m in self.messages],
+            "success": bool(success),
+            "violations": list(self.violations),
+            "invalid_actions": self.invalid_actions,
+            "reward_components": dict(components),
+            "scenario": dict(self.scenario_info),
+            "turn": self.turn,
+            "actions": [{"name": r.action.name, "ok": r.ok, "kind": r.kind, "message": r.message} for r in results],
+        }
+        if self.done:
+            info["episode"] = {"return": self.episode_return, "turns": self.turn, "success": bool(success),
+                               "reward_components": dict(self.component_sums)}
+        return info
+
+
+def _select_scenarios(intents: Sequence[str] | None, scenario_files: Any) -> list[Scenario]:
+    scenarios = builtin_scenarios()
+    if scenario_files:
+        files = [scenario_files] if isinstance(scenario_files, str | Path) else list(scenario_files)
+        extra = [load_scenario(f) for f in files]
+        names = {s.intent for s in extra}
+        scenarios = [s for s in scenarios if s.intent not in names] + extra
+    if intents is not None:
+        if isinstance(intents, str):
+            intents = [intents]
+        by_name = {s.intent: s for s in scenarios}
+        unknown = [i for i in intents if i not in by_name]
+        if unknown:
+            raise DialogRLError(f"unknown intent '{unknown[0]}'; known: {', '.join(sorted(by_name))}")
+        scenarios = [by_name[i] for i in intents]
+    if not scenarios:
+        raise DialogRLError("no scenarios selected")
+    return scenarios

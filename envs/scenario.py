@@ -1,0 +1,228 @@
+"""Scenario files (YAML) and the seeded world each episode draws from them.
+
+A scenario is one customer intent. The schema (documented in the README) is validated on load, and a file
+missing a key fails with one line naming the file and the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from dialogrl.types import DialogRLError, ParsedAction
+
+from .database import ORDER_RULES, Customer, Database, Order, Product
+
+SCENARIO_DIR = Path(__file__).parent / "scenarios"
+TARGETS = ("order", "account", "product")
+RESOLUTIONS = ("none", "refund", "return", "update_address", "reset_password", "cancel_subscription")
+SPLITS = ("train", "test")
+
+# Disjoint per split, so no test customer, e-mail or order id is ever seen in training.
+FIRST_NAMES = {
+    "train": "Alice Brian Chloe Daniel Emma Felix Grace Henry Isla Jacob Karen Liam Maya Noah Olivia Peter Quinn "
+    "Rosa Samuel Tara Umar Vera Wesley Xena Yusuf Zoe Aaron Bella Caleb Diana".split(),
+    "test": "Abigail Bruno Clara Dmitri Elena Farid Gemma Hugo Ingrid Jonas Kira Lucas Mina Nils Opal Pablo "
+    "Rhea Stefan Talia Ulrich Vivian Walter Yara Zane Astrid Boris Celine Dario Esme Frida".split(),
+}
+LAST_NAMES = ("Smith Jones Patel Garcia Chen Novak Okafor Rossi Silva Kim Murphy Dubois Larsen Haddad Ivanova "
+              "Tanaka Moreau Fischer Costa Nguyen").split()
+ORDER_ID_RANGE = {"train": (10000, 54999), "test": (55000, 99999)}
+STREETS = "Oak Maple Cedar Pine Elm Birch Willow Hill Lake River Park Mill".split()
+STREET_KINDS = "Street Avenue Road Lane Drive".split()
+CITIES = "Springfield Riverton Lakeside Fairview Ashford Brookhaven Clifton Dover".split()
+PRODUCTS = (
+    Product("desk lamp", 34.99, 24, True), Product("office chair", 189.0, 36, True),
+    Product("wireless mouse", 24.5, 12, True), Product("mechanical keyboard", 89.99, 24, False),
+    Product("monitor stand", 45.0, 12, True), Product("noise cancelling headphones", 149.0, 24, True),
+    Product("webcam", 59.99, 12, False), Product("usb hub", 19.99, 6, True),
+    Product("laptop sleeve", 29.0, 6, True), Product("standing desk", 399.0, 60, False),
+)
+ITEM_NAMES = [p.name for p in PRODUCTS]
+
+
+@dataclass
+class Scenario:
+    """One intent, as loaded from a scenario YAML file."""
+
+    intent: str
+    summary: str
+    target: str
+    resolution: str
+    requires_verification: bool
+    inform: list[str]
+    templates: dict[str, list[str]]
+    order: dict[str, Any] = field(default_factory=dict)
+    account: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+def _require(data: dict, key: str, path: Path) -> Any:
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise DialogRLError(f"scenario file {path}: missing key '{key}'")
+        node = node[part]
+    return node
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Load and validate one scenario file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DialogRLError(f"scenario file {path}: not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise DialogRLError(f"scenario file {path}:{where} malformed YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise DialogRLError(f"scenario file {path}: expected a mapping at the top level")
+    keys = ["intent", "summary", "target", "resolution", "requires_verification", "inform",
+            "templates.train", "templates.test"]
+    values = {k: _require(data, k, path) for k in keys}
+    if values["target"] not in TARGETS:
+        raise DialogRLError(f"scenario file {path}: key 'target' must be one of {TARGETS}, got {values['target']!r}")
+    if values["resolution"] not in RESOLUTIONS:
+        raise DialogRLError(
+            f"scenario file {path}: key 'resolution' must be one of {RESOLUTIONS}, got {values['resolution']!r}")
+    for split in SPLITS:
+        lines = values[f"templates.{split}"]
+        if not isinstance(lines, list) or not lines or not all(isinstance(t, str) for t in lines):
+            raise DialogRLError(f"scenario file {path}: key 'templates.{split}' must be a non-empty list of strings")
+    if not isinstance(values["inform"], list):
+        raise DialogRLError(f"scenario file {path}: key 'inform' must be a list of strings")
+    known = {"intent", "summary", "target", "resolution", "requires_verification", "inform", "templates", "order",
+             "account", "description"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise DialogRLError(f"scenario file {path}: unknown key '{unknown[0]}'")
+    return Scenario(
+        intent=str(values["intent"]), summary=str(values["summary"]), target=values["target"],
+        resolution=values["resolution"], requires_verification=bool(values["requires_verification"]),
+        inform=[str(x) for x in values["inform"]],
+        templates={s: list(values[f"templates.{s}"]) for s in SPLITS},
+        order=dict(data.get("order") or {}), account=dict(data.get("account") or {}), source=str(path),
+    )
+
+
+@cache
+def _builtin() -> tuple[Scenario, ...]:
+    return tuple(load_scenario(p) for p in sorted(SCENARIO_DIR.glob("*.yaml")) if not p.name.startswith("_"))
+
+
+def builtin_scenarios() -> list[Scenario]:
+    """The scenarios shipped in the package (parsed once per process)."""
+    return list(_builtin())
+
+
+@dataclass
+class Goal:
+    """What a perfect agent achieves in this episode."""
+
+    eligible: bool
+    """Whether policy allows the resolution; if not, the correct outcome is an escalation."""
+    expected_state: tuple
+    """The database state a perfect agent leaves behind (compared with ``Database.state()``)."""
+    inform: list[str]
+    """Facts the customer must be told after the resolution (empty when escalation is correct)."""
+    slots: dict[str, str]
+    """What the customer knows and can tell: email, zip, and order / address / product when relevant."""
+    question: str = ""
+    """For product questions: price, warranty or stock."""
+
+
+def _choice(rng: np.random.Generator, options: list | tuple) -> Any:
+    return options[int(rng.integers(len(options)))]
+
+
+def _weighted(rng: np.random.Generator, weights: dict[str, float]) -> str:
+    names = list(weights)
+    p = np.asarray([weights[n] for n in names], dtype=float)
+    return names[int(rng.choice(len(names), p=p / p.sum()))]
+
+
+def _address(rng: np.random.Generator) -> str:
+    return f"{int(rng.integers(1, 1000))} {_choice(rng, STREETS)} {_choice(rng, STREET_KINDS)}, {_choice(rng, CITIES)}"
+
+
+def _customer(rng: np.random.Generator, split: str, index: int, taken: set[str]) -> Customer:
+    while True:
+        first, last = _choice(rng, FIRST_NAMES[split]), _choice(rng, LAST_NAMES)
+        email = f"{first.lower()}.{last.lower()}{int(rng.integers(10, 100))}@example.com"
+        if email not in taken:
+            taken.add(email)
+            break
+    return Customer(id=f"C{index}", name=f"{first} {last}", email=email, zip=f"{int(rng.integers(10000, 100000))}")
+
+
+def _order(rng: np.random.Generator, split: str, customer: Customer, spec: dict, taken: set[str]) -> Order:
+    lo, hi = ORDER_ID_RANGE[split]
+    while (oid := f"A{int(rng.integers(lo, hi + 1))}") in taken:
+        pass
+    taken.add(oid)
+    status = _weighted(rng, spec.get("status", {"processing": 1, "shipped": 1, "delivered": 1}))
+    items = sorted({_choice(rng, ITEM_NAMES) for _ in range(int(rng.integers(1, 3)))})
+    order = Order(id=oid, customer_id=customer.id, status=status, items=items, address=_address(rng),
+                  total=round(float(rng.integers(900, 40000)) / 100, 2))
+    if status == "delivered":
+        lo_d, hi_d = spec.get("days_since_delivery", [1, 90])
+        order.days_since_delivery = int(rng.integers(lo_d, hi_d + 1))
+        order.refunded = bool(rng.random() < spec.get("refunded_prob", 0.0))
+    return order
+
+
+def sample_world(rng: np.random.Generator, scenario: Scenario, split: str) -> tuple[Database, Goal, Customer]:
+    """Draw the episode's database and goal; returns (db, goal, the customer in the conversation)."""
+    taken: set[str] = set()
+    customers = [_customer(rng, split, i, taken) for i in range(3)]
+    me = customers[0]
+    acct = scenario.account
+    me.locked = bool(rng.random() < acct.get("locked_prob", 0.3))
+    if rng.random() < acct.get("subscription_prob", 0.5):
+        me.subscription = _choice(rng, ["basic", "premium"])
+    order_ids: set[str] = set()
+    orders = [_order(rng, split, c, {}, order_ids) for c in customers for _ in range(int(rng.integers(1, 3)))]
+    target_order = _order(rng, split, me, scenario.order, order_ids) if scenario.target == "order" else None
+    if target_order is not None:
+        orders.insert(int(rng.integers(len(orders) + 1)), target_order)
+    db = Database(customers={c.id: c for c in customers}, orders={o.id: o for o in orders},
+                  products={p.name: p for p in PRODUCTS})
+
+    slots = {"email": me.email, "zip": me.zip}
+    context: dict[str, Any] = {}
+    question = ""
+    if target_order is not None:
+        slots["order"] = target_order.id
+        context.update(order=target_order.id, status=target_order.status, total=f"{target_order.total:.2f}")
+    if scenario.resolution == "update_address":
+        while (new := _address(rng)) == (target_order.address if target_order else ""):
+            pass
+        slots["address"] = context["address"] = new
+    if scenario.target == "product":
+        product = _choice(rng, PRODUCTS)
+        question = _choice(rng, ["price", "warranty", "stock"])
+        slots["product"] = context["product"] = product.name
+        context["answer"] = {"price": f"{product.price:.2f}", "warranty": f"{product.warranty_months} months",
+                             "stock": "in stock" if product.in_stock else "out of stock"}[question]
+
+    eligible = True
+    if scenario.resolution in ORDER_RULES and target_order is not None:
+        eligible = ORDER_RULES[scenario.resolution](target_order)[0]
+    ideal = db.clone()
+    if not eligible:
+        ideal.escalated = True
+    elif scenario.resolution != "none":
+        ideal.verified = me.id
+        args = {k: v for k, v in (("order", slots.get("order")), ("address", slots.get("address"))) if v}
+        result = ideal.apply(ParsedAction(scenario.resolution, args, ""))
+        if not result.ok:
+            raise DialogRLError(f"scenario {scenario.source}: resolution cannot succeed ({result.message})")
+    inform = [fact.format(**context) for fact in scenario.inform] if eligible else []
+    return db, Goal(eligible, ideal.state(), inform, slots, question), me
