@@ -3,7 +3,6 @@
 from dialogrl.rewards import builtin  # noqa: F401  (registers the built-in rewards)
 from dialogrl.rewards.base import get_reward, list_rewards, parse_reward_spec, register_reward
 from dialogrl.rewards.combine import DEFAULT_WEIGHTS, RewardCombiner, RewardComponent, RewardSpec
-
 from dialogrl.types import RewardError, RewardFn, Transition
 
 __all__ = [

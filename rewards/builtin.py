@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 
 from dialogrl.rewards.base import register_reward
-
 from dialogrl.types import Transition
 
 

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from dialogrl.rewards.base import get_reward, parse_reward_spec
-
 from dialogrl.types import DialogRLError, RewardError, RewardFn, Transition
 
 DEFAULT_WEIGHTS: dict[str, float] = {

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from dialogrl.rewards import (
     DEFAULT_WEIGHTS,
     RewardCombiner,
@@ -21,7 +22,6 @@ from dialogrl.rewards import (
 )
 from dialogrl.rewards import base as reward_base
 from dialogrl.rewards.builtin import customer_sounds_upset
-
 from dialogrl.types import ActionResult, DialogRLError, ParsedAction, RewardError, Transition
 
 
