@@ -124,7 +124,27 @@ class RandomPolicy:
         return [self.act(m, i) for m, i in zip(conversations, infos, strict=True)]
 
 
-SCRIPTED = {"expert": ExpertPolicy, "historical": HistoricalPolicy, "random": RandomPolicy}
+class NoisyPolicy:
+    """A sloppier historical agent that also takes random acts: language coverage for the base-model corpus."""
+
+    name = "noisy"
+
+    def __init__(self, seed: int = 0, random_act: float = 0.25) -> None:
+        self.random_act = random_act
+        errors = HistoricalErrors(skip_verification=0.5, ignore_eligibility=0.6, forget_outcome=0.4, ramble=0.4)
+        self.historical, self.random = HistoricalPolicy(errors, seed), RandomPolicy(seed)
+        self.seed = seed
+
+    def act(self, messages: list[Message], info: dict[str, Any]) -> str:
+        rng = np.random.default_rng([self.seed, int(info["scenario"].get("seed") or 0) % 2**32, len(messages), 3])
+        policy = self.random if rng.random() < self.random_act else self.historical
+        return policy.act(messages, info)
+
+    def act_batch(self, conversations: list[list[Message]], infos: list[dict[str, Any]]) -> list[str]:
+        return [self.act(m, i) for m, i in zip(conversations, infos, strict=True)]
+
+
+SCRIPTED = {"expert": ExpertPolicy, "historical": HistoricalPolicy, "random": RandomPolicy, "noisy": NoisyPolicy}
 
 
 def make_scripted(name: str, seed: int = 0) -> ExpertPolicy | HistoricalPolicy | RandomPolicy:

@@ -1,0 +1,350 @@
+"""Multi-turn PPO for an LM policy with LoRA, on transformers + PEFT + accelerate.
+
+TRL removed its PPOTrainer in 1.13, so the loop is written here, top to bottom:
+
+1. The SFT adapter (if any) is merged into the base weights; that merged model is the KL reference, reached by
+   disabling a fresh LoRA adapter (no second model copy). A linear value head reads the last hidden state.
+2. Each iteration plays whole conversations in batched environments (``agents.rollouts.collect``).
+3. A forward pass gives old log-probs and values; the adapter-disabled pass gives reference log-probs.
+4. Per token reward = -kl_coef * (logp - ref_logp), plus the env reward on the turn's last token.
+   GAE runs over the episode's reply tokens, across turns, so credit reaches the turn that earned it.
+5. Clipped policy and value losses, minibatch epochs over episodes, gradient clipping.
+
+Runs on one process or under ``torchrun --nproc_per_node 2`` (accelerate, gloo on CPU): each process plays
+its share of the episodes, advantages are whitened with global statistics, gradients are averaged.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dialogrl.agents.ppo_model import PolicyWithValue, build_policy, forward_samples, prepare_start, save_run
+from dialogrl.agents.rollouts import RolloutBatch, TurnSample, collect
+from dialogrl.evaluation import make_env, scenario_seeds
+from dialogrl.types import DialogRLError
+
+
+@dataclass
+class PPOConfig:
+    """Multi-turn PPO settings (``configs/ppo.yaml`` holds the defaults used by ``dialogrl ppo``)."""
+
+    model: str = ""
+    """Local base model directory (empty: the cached bootstrap base model)."""
+    init_adapter: str | None = None
+    """SFT run directory or adapter directory to start from; merged into the weights, so it is the KL reference."""
+    output_dir: str = "runs/ppo"
+    """Run directory (checkpoints, adapter, merged base, metrics)."""
+    seed: int = 0
+    """Seeds scenario draws, sampling and minibatch order."""
+    iterations: int = 20
+    """Collect-then-update cycles."""
+    episodes_per_iteration: int = 64
+    """Conversations played per iteration (over all processes)."""
+    minibatch_episodes: int = 16
+    """Episodes per gradient step (over all processes); must divide episodes_per_iteration."""
+    ppo_epochs: int = 2
+    """Passes over each iteration's data."""
+    env_id: str = "dialogrl/CustomerService-v0"
+    """Training environment (always its train split)."""
+    rewards: list[str] | None = None
+    """Reward specs NAME_OR_PATH[=WEIGHT]; None: the env's default mix."""
+    intents: list[str] | None = None
+    """Restrict training to these intents; None: all."""
+    max_turns: int = 12
+    """Agent turns per conversation."""
+    temperature: float = 1.0
+    """Sampling temperature during collection (log-probs are computed at this temperature)."""
+    max_new_tokens: int = 64
+    """Longest reply in tokens."""
+    learning_rate: float = 1e-3
+    """AdamW learning rate for LoRA and the value head."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
+    """Modules that get LoRA adapters (GPT-2 names by default)."""
+    clip_range: float = 0.2
+    """PPO ratio clip."""
+    value_clip: float = 0.2
+    """Value prediction clip around the old value."""
+    vf_coef: float = 0.5
+    """Weight of the value loss."""
+    kl_coef: float = 0.05
+    """Per-token KL penalty to the reference policy (initial value when adaptive)."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef towards target_kl (Ziegler et al. 2019)."""
+    target_kl: float = 0.05
+    """Target mean per-token KL for the adaptive controller."""
+    gamma: float = 1.0
+    """Discount per token."""
+    lam: float = 0.95
+    """GAE lambda."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    checkpoint_every: int = 5
+    """Save a resumable checkpoint every N iterations (and at the end)."""
+    eval_episodes: int = 200
+    """Held-out test-split episodes evaluated at the end (0: skip)."""
+    eval_seed: int = 0
+    """Seed of the held-out scenario draw (same as other methods' evaluations for paired comparison)."""
+    env_batch: int = 64
+    """Environments stepped side by side per process."""
+
+
+def _env_fn(cfg: PPOConfig, split: str):
+    kwargs: dict[str, Any] = {"split": split, "max_turns": cfg.max_turns}
+    if cfg.rewards:
+        kwargs["reward"] = list(cfg.rewards)
+    if cfg.intents:
+        kwargs["intents"] = list(cfg.intents)
+    make_env(cfg.env_id, **kwargs).close()  # fail fast on bad ids or rewards
+    return lambda: make_env(cfg.env_id, **kwargs)
+
+
+def gae(rewards: np.ndarray, values: np.ndarray, gamma: float, lam: float) -> np.ndarray:
+    """Generalised advantage estimates over one episode's token sequence (terminal after the last token)."""
+    advantages = np.zeros_like(rewards)
+    last = 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        next_value = values[t + 1] if t + 1 < len(rewards) else 0.0
+        delta = rewards[t] + gamma * next_value - values[t]
+        last = delta + gamma * lam * last
+        advantages[t] = last
+    return advantages
+
+
+@dataclass
+class Prepared:
+    """One iteration's training data on this process, token-aligned per sample."""
+
+    samples: list[TurnSample]
+    old_logp: list[torch.Tensor]
+    old_values: list[torch.Tensor]
+    advantages: list[torch.Tensor]
+    returns: list[torch.Tensor]
+    kl: float
+    entropy: float
+
+
+@torch.no_grad()
+def prepare(module: PolicyWithValue, batch: RolloutBatch, cfg: PPOConfig, kl_coef: float, accelerator: Any) -> Prepared:
+    """Old log-probs, values, reference log-probs, KL-shaped rewards and whitened GAE advantages."""
+    module.eval()
+    old_logp, values, entropy = forward_samples(module, batch.samples, cfg.temperature)
+    with module.policy.disable_adapter():
+        ref_logp, _, _ = forward_samples(module, batch.samples, cfg.temperature, with_values=False)
+    by_episode: dict[int, list[int]] = {}
+    for i, s in enumerate(batch.samples):
+        by_episode.setdefault(s.episode, []).append(i)
+    advantages: list[np.ndarray] = [np.zeros(0)] * len(batch.samples)
+    returns: list[np.ndarray] = [np.zeros(0)] * len(batch.samples)
+    kl_sum, tokens = 0.0, 0
+    for indices in by_episode.values():
+        indices.sort(key=lambda i: batch.samples[i].turn)
+        kl = [(old_logp[i] - ref_logp[i]).numpy() for i in indices]
+        rewards = [-kl_coef * k for k in kl]
+        for r, i in zip(rewards, indices, strict=True):
+            if len(r):
+                r[-1] += batch.samples[i].reward
+        kl_sum += float(sum(k.sum() for k in kl))
+        tokens += sum(len(k) for k in kl)
+        flat_v = np.concatenate([values[i].numpy() for i in indices])
+        adv = gae(np.concatenate(rewards), flat_v, cfg.gamma, cfg.lam)
+        offset = 0
+        for i in indices:
+            n = len(batch.samples[i].response_ids)
+            advantages[i], returns[i] = adv[offset:offset + n], adv[offset:offset + n] + flat_v[offset:offset + n]
+            offset += n
+    # Whiten with statistics over all processes, so 1 and 2 processes train the same way.
+    flat = np.concatenate(advantages) if advantages else np.zeros(1)
+    stats = torch.tensor([flat.sum(), (flat**2).sum(), flat.size, kl_sum, tokens, entropy * tokens],
+                         dtype=torch.float64)
+    stats = accelerator.reduce(stats, reduction="sum")
+    mean = stats[0] / stats[2]
+    std = torch.sqrt(torch.clamp(stats[1] / stats[2] - mean**2, min=1e-8))
+    whiten = [torch.tensor((a - float(mean)) / float(std), dtype=torch.float32) for a in advantages]
+    return Prepared(batch.samples, old_logp, values, whiten, [torch.tensor(r, dtype=torch.float32) for r in returns],
+                    kl=float(stats[3] / max(float(stats[4]), 1.0)), entropy=float(stats[5] / max(float(stats[4]), 1.0)))
+
+
+def ppo_loss(module: nn.Module, data: Prepared, idx: list[int], cfg: PPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped policy loss + clipped value loss over the reply tokens of the samples ``idx``."""
+    samples = [data.samples[i] for i in idx]
+    logp, values, _ = forward_samples(module, samples, cfg.temperature, grad=True)
+    old_logp = torch.cat([data.old_logp[i] for i in idx])
+    old_v = torch.cat([data.old_values[i] for i in idx])
+    adv = torch.cat([data.advantages[i] for i in idx])
+    ret = torch.cat([data.returns[i] for i in idx])
+    new_logp, new_v = torch.cat(logp), torch.cat(values)
+    ratio = torch.exp(new_logp - old_logp)
+    pg = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - cfg.clip_range, 1 + cfg.clip_range)).mean()
+    v_clipped = old_v + torch.clamp(new_v - old_v, -cfg.value_clip, cfg.value_clip)
+    vf = 0.5 * torch.max((new_v - ret) ** 2, (v_clipped - ret) ** 2).mean()
+    clipfrac = ((ratio - 1).abs() > cfg.clip_range).float().mean()
+    return pg + cfg.vf_coef * vf, {"pg_loss": float(pg), "vf_loss": float(vf), "clipfrac": float(clipfrac)}
+
+
+def train_ppo(cfg: PPOConfig) -> Path:
+    """Train, checkpointing every ``checkpoint_every`` iterations; resumes from ``output_dir/checkpoint``."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    if cfg.episodes_per_iteration % cfg.minibatch_episodes:
+        raise DialogRLError("minibatch_episodes must divide episodes_per_iteration")
+    accelerator = Accelerator(cpu=True)
+    n_proc, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.minibatch_episodes % n_proc:
+        raise DialogRLError(f"minibatch_episodes must be a multiple of the process count {n_proc}")
+    out = Path(cfg.output_dir)
+    ckpt = out / "checkpoint"
+    env_fn = _env_fn(cfg, "train")
+    torch.manual_seed(cfg.seed)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        prepare_start(cfg, out)
+    accelerator.wait_for_everyone()
+    start_dir = prepare_start(cfg, out)
+    module, tokenizer = build_policy(cfg, start_dir, ckpt if (ckpt / "state.json").exists() else None)
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    state = {"iteration": 0, "kl_coef": cfg.kl_coef, "history": []}
+    if (ckpt / "state.json").exists():
+        state = json.loads((ckpt / "state.json").read_text())
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        accelerator.print(f"resuming from {ckpt} at iteration {state['iteration']}")
+    module, optimizer = accelerator.prepare(module, optimizer)
+    inner: PolicyWithValue = accelerator.unwrap_model(module)
+    writer = _tensorboard(out) if accelerator.is_main_process else None
+
+    bar = tqdm(range(state["iteration"], cfg.iterations), disable=not accelerator.is_main_process,
+               initial=state["iteration"], total=cfg.iterations, desc="ppo")
+    for it in bar:
+        torch.manual_seed(cfg.seed * 100_003 + it * 101 + rank)
+        seeds = scenario_seeds(cfg.seed * 7919 + it, cfg.episodes_per_iteration)[rank::n_proc]
+        inner.eval()
+        batch = collect(inner.sampler(tokenizer, cfg), env_fn, seeds, cfg.env_batch)
+        data = prepare(inner, batch, cfg, state["kl_coef"], accelerator)
+
+        module.train()
+        rng = np.random.default_rng([cfg.seed, it])
+        episodes = sorted({s.episode for s in data.samples})
+        per_step = cfg.minibatch_episodes // n_proc
+        losses: list[dict[str, float]] = []
+        for _ in range(cfg.ppo_epochs):
+            order = rng.permutation(len(episodes))
+            for start in range(0, len(order), per_step):
+                chosen = {episodes[j] for j in order[start:start + per_step]}
+                idx = [i for i, s in enumerate(data.samples) if s.episode in chosen]
+                loss, parts = ppo_loss(module, data, idx, cfg)
+                optimizer.zero_grad()
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                losses.append(parts)
+
+        if cfg.adaptive_kl:  # proportional controller, clipped to +-20% per iteration
+            error = float(np.clip(data.kl / cfg.target_kl - 1, -0.2, 0.2))
+            state["kl_coef"] *= 1 + error
+        row = _iteration_stats(it, batch, data, losses, state["kl_coef"], accelerator)
+        state["history"].append(row)
+        state["iteration"] = it + 1
+        bar.set_postfix(success=f"{row['success']:.2f}", ret=f"{row['return']:.2f}", kl=f"{row['kl']:.3f}")
+        accelerator.print(json.dumps(row))
+        if writer is not None:
+            for key, value in row.items():
+                writer.add_scalar(f"ppo/{key}", value, it)
+        if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
+            _save_checkpoint(inner, optimizer, state, ckpt, accelerator)
+    if writer is not None:
+        writer.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_run(inner, start_dir, cfg, state, out)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def _iteration_stats(it: int, batch: RolloutBatch, data: Prepared, losses: list[dict[str, float]],
+                     kl_coef: float, accelerator: Any) -> dict[str, float]:
+    eps = batch.episodes
+    local = torch.tensor([sum(e["success"] for e in eps), sum(e["return"] for e in eps), len(eps),
+                          sum(e["reply_tokens"] for e in eps), batch.generated_tokens, batch.seconds],
+                         dtype=torch.float64)
+    total = accelerator.reduce(local, reduction="sum")
+    n = float(total[2])
+    return {
+        "iteration": it, "success": float(total[0]) / n, "return": float(total[1]) / n,
+        "kl": data.kl, "kl_coef": kl_coef, "entropy": data.entropy, "reply_tokens": float(total[3]) / n,
+        "tokens_per_sec": float(total[4]) / max(float(total[5]) / accelerator.num_processes, 1e-9),
+        **{k: float(np.mean([row[k] for row in losses])) for k in ("pg_loss", "vf_loss", "clipfrac")},
+    }
+
+
+def _save_checkpoint(inner: PolicyWithValue, optimizer: Any, state: dict[str, Any], ckpt: Path,
+                     accelerator: Any) -> None:
+    """Adapter, value head, optimizer and loop state, written to a temp dir then swapped in (kill-safe)."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp = ckpt.with_name(ckpt.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        inner.policy.save_pretrained(tmp / "adapter")
+        torch.save(inner.value_head.state_dict(), tmp / "value_head.pt")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(state))
+        old = ckpt.with_name(ckpt.name + ".old")
+        if ckpt.exists():
+            ckpt.rename(old)
+        tmp.rename(ckpt)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _tensorboard(out: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def config_dict(cfg: PPOConfig) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+
+def main_ppo(config_path: str | None, overrides: list[str]) -> Path:
+    """``dialogrl ppo``: train, then evaluate greedy and sampled replies on the held-out test split."""
+    from dialogrl.config import dump_config, load_config
+
+    cfg = load_config(PPOConfig, config_path, overrides)
+    out = train_ppo(cfg)
+    dump_config(cfg, out / "config.yaml")
+    if cfg.eval_episodes:
+        evaluate_run(out, cfg.eval_episodes, cfg.eval_seed, method="ppo", training_seed=cfg.seed,
+                     max_turns=cfg.max_turns)
+    return out
+
+
+def evaluate_run(run_dir: Path, episodes: int, seed: int, method: str, training_seed: int | None = None,
+                 max_turns: int = 12) -> dict[str, Any]:
+    """Greedy (``eval.json``) and sampled (``eval_sampled.json``) test-split evaluations of a run directory."""
+    from dialogrl.evaluation import evaluate, write_json
+    from dialogrl.policies.lm import LMPolicy
+
+    results = {}
+    for decoding, name in (("greedy", "eval.json"), ("sampled", "eval_sampled.json")):
+        policy = LMPolicy.from_run_dir(run_dir, decoding=decoding)
+        result = evaluate(policy, split="test", episodes=episodes, seed=seed, method=method, decoding=decoding,
+                          training_seed=training_seed, env_kwargs={"max_turns": max_turns}, batch_size=64)
+        write_json(result, run_dir / name)
+        results[decoding] = result
+    return results

@@ -1,0 +1,86 @@
+"""Multi-turn rollouts of an LM policy in environments stepped side by side.
+
+Every live conversation is answered in one batched ``generate`` call per turn; each agent turn is kept as a
+``TurnSample`` (prompt tokens, reply tokens, the env reward for that turn) for PPO.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+
+
+@dataclass
+class TurnSample:
+    """One agent turn: what the model saw, what it said, and what the environment paid for it."""
+
+    episode: int
+    turn: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    reward: float
+    done: bool
+    """True for the episode's last turn (its value target has no future)."""
+
+
+@dataclass
+class RolloutBatch:
+    samples: list[TurnSample]
+    episodes: list[dict[str, Any]]
+    """Per episode: seed, success, return, turns, violations, reply_chars."""
+    generated_tokens: int = 0
+    seconds: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def collect(policy: Any, env_fn: Callable[[], gym.Env], seeds: Sequence[int], batch_size: int = 64) -> RolloutBatch:
+    """Play one episode per seed with ``policy.generate`` (sampling settings are the policy's)."""
+    start = time.perf_counter()
+    envs = [env_fn() for _ in range(min(batch_size, len(seeds)))]
+    pending = list(enumerate(seeds))
+    live: dict[int, tuple[int, int, dict[str, Any]]] = {}  # slot -> (episode, seed, info)
+    turns: dict[int, list[TurnSample]] = {}
+    episodes: list[dict[str, Any]] = [{} for _ in seeds]
+    tokens = 0
+
+    def start_next(slot: int) -> None:
+        episode, seed = pending.pop(0)
+        _, info = envs[slot].reset(seed=seed)
+        live[slot] = (episode, seed, info)
+        turns[episode] = []
+
+    for slot in range(len(envs)):
+        start_next(slot)
+    while live:
+        slots = sorted(live)
+        generations = policy.generate([live[s][2]["messages"] for s in slots])
+        for slot, gen in zip(slots, generations, strict=True):
+            episode, seed, _ = live[slot]
+            _, reward, terminated, truncated, info = envs[slot].step(gen.text)
+            done = terminated or truncated
+            tokens += len(gen.response_ids)
+            turns[episode].append(TurnSample(episode, len(turns[episode]), list(gen.prompt_ids),
+                                             list(gen.response_ids), float(reward), done))
+            if done:
+                ep = info["episode"]
+                replies = [t for t in turns[episode]]
+                episodes[episode] = {
+                    "seed": seed, "success": bool(ep["success"]), "return": float(ep["return"]),
+                    "turns": int(ep["turns"]), "violations": len(info["violations"]),
+                    "invalid_actions": int(info["invalid_actions"]), "intent": info["scenario"]["intent"],
+                    "persona": info["scenario"]["persona"],
+                    "reply_tokens": sum(len(t.response_ids) for t in replies) / len(replies),
+                }
+                del live[slot]
+                if pending:
+                    start_next(slot)
+            else:
+                live[slot] = (episode, seed, info)
+    for env in envs:
+        env.close()
+    samples = [t for e in range(len(seeds)) for t in turns[e]]
+    return RolloutBatch(samples, episodes, tokens, time.perf_counter() - start)
