@@ -141,6 +141,9 @@ def build_policy(cfg: PPOConfig, start_dir: Path, checkpoint: Path | None) -> tu
 
     tokenizer = AutoTokenizer.from_pretrained(start_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(start_dir, local_files_only=True)
+    for layer in model.modules():  # no dropout in RL: the PPO ratio must be exactly 1 before the first update
+        if isinstance(layer, nn.Dropout):
+            layer.p = 0.0
     if checkpoint is not None:
         policy = PeftModel.from_pretrained(model, checkpoint / "adapter", is_trainable=True)
     else:

@@ -80,10 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path)
 
-    p = sub.add_parser("quickstart", help="the main job: evaluate and compare every policy on the test split")
-    p.add_argument("--episodes", type=_count, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("runs/quickstart"))
+    p = sub.add_parser("bootstrap", help="build (or reuse from the cache) the offline base model")
+    p.add_argument("--out", type=Path, help="also copy the model here")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="BootstrapConfig overrides")
+
+    for name, what in (("sft", "supervised LoRA baseline (TRL SFTTrainer)"), ("ppo", "multi-turn PPO with LoRA"),
+                       ("quickstart", "the main job: base -> logs -> SFT -> filtered SFT -> PPO -> report")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("--config", help=f"YAML config (default: configs/{name}.yaml defaults)")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    sub.choices["quickstart"].add_argument("--seeds", type=_count, help="training seeds per method")
     return parser
 
 
@@ -115,11 +121,11 @@ def _load_policy(spec: str, seed: int) -> Any:
 
 
 def _cmd_logs(args: argparse.Namespace) -> None:
-    from dialogrl.evaluation import make_env, run_episodes, scenario_seeds, text_policy_act
+    from dialogrl.evaluation import make_env, require_text_env, run_episodes, scenario_seeds, text_policy_act
 
     policy = _load_policy(args.policy, args.seed)
     kwargs = {"split": args.split, **_env_kwargs(args)}
-    make_env(args.env, **kwargs).close()
+    require_text_env(args.env, kwargs)
     records = run_episodes(lambda: make_env(args.env, **kwargs), text_policy_act(policy),
                            scenario_seeds(args.seed, args.episodes), keep_messages=True)
     write_jsonl(records, args.out)
@@ -134,13 +140,17 @@ def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for r in records:
-            row = {"messages": r["messages"], "intent": r["intent"], "persona": r["persona"],
-                   "seed": r["scenario_seed"], "success": r["success"], "return": r["return"],
-                   "reward_components": r["reward_components"]}
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in records:
+                row = {"messages": r["messages"], "intent": r["intent"], "persona": r["persona"],
+                       "seed": r["scenario_seed"], "success": r["success"], "return": r["return"],
+                       "reward_components": r["reward_components"]}
+                f.write(json.dumps(row) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -180,20 +190,43 @@ def _cmd_sb3(args: argparse.Namespace) -> None:
     main_sb3(args.algo, args.timesteps, args.out, args.seed)
 
 
-def _cmd_quickstart(args: argparse.Namespace) -> None:
-    from dialogrl.evaluation import evaluate, write_json
-    from dialogrl.policies.scripted import make_scripted
+def _cmd_bootstrap(args: argparse.Namespace) -> None:
+    import shutil
 
-    results = {}
-    for name in ("random", "historical", "expert"):
-        results[name] = evaluate(make_scripted(name, seed=args.seed), episodes=args.episodes, seed=args.seed)
-        write_json(results[name], args.out / f"eval_{name}.json")
-    print(format_metrics(results))
-    print(f"wrote {args.out}/eval_*.json")
+    from dialogrl.config import load_config
+    from dialogrl.policies.bootstrap import BootstrapConfig, cached_base_model
+    from dialogrl.policies.corpus import CORPUS_VERSION, domain_corpus
+
+    cfg = load_config(BootstrapConfig, None, args.overrides)
+    path = cached_base_model(cfg, lambda: domain_corpus(cfg.corpus_episodes, cfg.seed), corpus_version=CORPUS_VERSION)
+    if args.out:
+        shutil.copytree(path, args.out, dirs_exist_ok=True)
+        path = args.out
+    print(f"base model: {path}")
+
+
+def _cmd_sft(args: argparse.Namespace) -> None:
+    from dialogrl.agents.sft import main_sft
+
+    print(f"run directory: {main_sft(args.config, args.overrides)}")
+
+
+def _cmd_ppo(args: argparse.Namespace) -> None:
+    from dialogrl.agents.ppo import main_ppo
+
+    print(f"run directory: {main_ppo(args.config, args.overrides)}")
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> None:
+    from dialogrl.quickstart import main_quickstart
+
+    overrides = list(args.overrides) + ([f"seeds={args.seeds}"] if args.seeds else [])
+    main_quickstart(args.config, overrides)
 
 
 COMMANDS = {"envs": _cmd_envs, "rewards": _cmd_rewards, "logs": _cmd_logs, "eval": _cmd_eval,
-            "compare": _cmd_compare, "sb3": _cmd_sb3, "quickstart": _cmd_quickstart}
+            "compare": _cmd_compare, "sb3": _cmd_sb3, "bootstrap": _cmd_bootstrap, "sft": _cmd_sft,
+            "ppo": _cmd_ppo, "quickstart": _cmd_quickstart}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -202,6 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         COMMANDS[args.command](args)
     except DialogRLError as exc:
         print(f"dialogrl: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unwritable --out, missing file: one line, not a traceback
+        print(f"dialogrl: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dialogrl: interrupted", file=sys.stderr)

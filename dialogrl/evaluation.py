@@ -26,6 +26,8 @@ def scenario_seeds(seed: int, episodes: int) -> list[int]:
     """The held-out scenario seeds for an evaluation: a pure function of ``seed``."""
     if episodes < 0:
         raise DialogRLError(f"episode count must be positive, got {episodes}")
+    if seed < 0:
+        raise DialogRLError(f"seed must be zero or positive, got {seed}")
     return [int(s) for s in np.random.SeedSequence(seed).generate_state(episodes, dtype=np.uint32)]
 
 
@@ -131,6 +133,17 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def require_text_env(env_id: str, kwargs: dict[str, Any]) -> None:
+    """Text policies need the text action space; fail with one line otherwise."""
+    env = make_env(env_id, **kwargs)
+    try:
+        if not isinstance(env.action_space, gym.spaces.Text):
+            raise DialogRLError(f"env '{env_id}' takes dialogue acts, not text replies; use a text env such as "
+                                "dialogrl/CustomerService-v0 (or `dialogrl sb3` for the acts env)")
+    finally:
+        env.close()
+
+
 def text_policy_act(policy: Any) -> ActFn:
     """Adapt a text policy (``act_batch(conversations, infos)``) to ``run_episodes``."""
     return lambda _obs, infos: policy.act_batch([i["messages"] for i in infos], infos)
@@ -147,7 +160,10 @@ def evaluate(
     if repeats <= 0:
         raise DialogRLError(f"repeats must be positive, got {repeats}")
     kwargs = {"split": split, **(env_kwargs or {})}
-    make_env(env_id, **kwargs).close()  # fail fast on bad ids, rewards or scenario files
+    if act is None:
+        require_text_env(env_id, kwargs)  # also fails fast on bad ids, rewards or scenario files
+    else:
+        make_env(env_id, **kwargs).close()
     seeds = scenario_seeds(seed, episodes)
     records = run_episodes(lambda: make_env(env_id, **kwargs), act or text_policy_act(policy), seeds,
                            repeats=repeats, batch_size=batch_size)

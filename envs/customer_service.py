@@ -14,7 +14,7 @@ from dialogrl.types import ActionResult, DialogRLError, Message, ParsedAction, T
 
 from .actions import MAX_ACTIONS, MAX_REPLY_CHARS, ParseError, parse_reply
 from .database import REFUND_WINDOW_DAYS, RETURN_WINDOW_DAYS
-from .scenario import Scenario, builtin_scenarios, load_scenario, sample_world
+from .scenario import SPLITS, Scenario, builtin_scenarios, load_scenario, sample_world
 from .simulator import SimulatedCustomer, customer_config
 
 CHARSET = "".join(chr(i) for i in range(32, 127)) + "\n"
@@ -89,6 +89,8 @@ class CustomerServiceEnv(gym.Env[str, str]):
             raise DialogRLError(f"unknown render_mode '{render_mode}'; use 'ansi'")
         if max_turns < 1:
             raise DialogRLError(f"max_turns must be at least 1, got {max_turns}")
+        if obs_chars < 1:
+            raise DialogRLError(f"obs_chars must be at least 1, got {obs_chars}")
         self.split, self.max_turns, self.obs_chars, self.render_mode = split, max_turns, obs_chars, render_mode
         self.scenarios = _select_scenarios(intents, scenario_files)
         mix = customer_config()["persona_mix"][split]
@@ -98,6 +100,8 @@ class CustomerServiceEnv(gym.Env[str, str]):
                 raise DialogRLError(
                     f"unknown persona '{unknown[0]}'; known: {', '.join(customer_config()['personas'])}")
             mix = {p: w for p, w in mix.items() if p in personas} or {p: 1.0 for p in personas}
+            if not mix:
+                raise DialogRLError("no personas selected")
         self.persona_mix = mix
         self.reward_fn = RewardCombiner.from_specs(reward)
         self.observation_space = spaces.Text(max_length=obs_chars, min_length=0, charset=CHARSET)
@@ -107,7 +111,8 @@ class CustomerServiceEnv(gym.Env[str, str]):
     # --- gym API ---------------------------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
         super().reset(seed=seed)
-        rng = self.np_random
+        # Mix the split into the draw: the same seed must not give the same world relabelled in both splits.
+        rng = np.random.default_rng([int(self.np_random.integers(2**63)), SPLITS.index(self.split)])
         self.scenario: Scenario = self.scenarios[int(rng.integers(len(self.scenarios)))]
         names = list(self.persona_mix)
         weights = np.asarray([self.persona_mix[n] for n in names], dtype=float)
@@ -131,7 +136,7 @@ class CustomerServiceEnv(gym.Env[str, str]):
         return self._observation(), self._info({}, success=False)
 
     def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
-        if self.done or not self.messages:
+        if not self.messages or self.done:  # messages is empty until the first reset
             raise DialogRLError("the episode is over: call reset() before step()")
         reply = action if isinstance(action, str) else str(action)
         reply = reply[:MAX_REPLY_CHARS]

@@ -6,6 +6,7 @@ missing a key fails with one line naming the file and the key.
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -22,6 +23,8 @@ SCENARIO_DIR = Path(__file__).parent / "scenarios"
 TARGETS = ("order", "account", "product")
 RESOLUTIONS = ("none", "refund", "return", "update_address", "reset_password", "cancel_subscription")
 SPLITS = ("train", "test")
+INFORM_FIELDS = frozenset({"status", "total", "order", "address", "product", "answer"})
+TEMPLATE_FIELDS = frozenset({"product", "question"})
 
 # Disjoint per split, so no test customer, e-mail or order id is ever seen in training.
 FIRST_NAMES = {
@@ -98,6 +101,15 @@ def load_scenario(path: str | Path) -> Scenario:
             raise DialogRLError(f"scenario file {path}: key 'templates.{split}' must be a non-empty list of strings")
     if not isinstance(values["inform"], list):
         raise DialogRLError(f"scenario file {path}: key 'inform' must be a list of strings")
+    for key in ("order", "account"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise DialogRLError(f"scenario file {path}: key '{key}' must be a mapping, got {data[key]!r}")
+    days = (data.get("order") or {}).get("days_since_delivery", [1, 90])
+    if not (isinstance(days, list) and len(days) == 2 and all(isinstance(d, int) for d in days) and days[0] <= days[1]):
+        raise DialogRLError(f"scenario file {path}: key 'order.days_since_delivery' must be [low, high], got {days!r}")
+    _check_fields(path, "inform", values["inform"], INFORM_FIELDS)
+    for split in SPLITS:
+        _check_fields(path, f"templates.{split}", values[f"templates.{split}"], TEMPLATE_FIELDS)
     known = {"intent", "summary", "target", "resolution", "requires_verification", "inform", "templates", "order",
              "account", "description"}
     unknown = sorted(set(data) - known)
@@ -110,6 +122,19 @@ def load_scenario(path: str | Path) -> Scenario:
         templates={s: list(values[f"templates.{s}"]) for s in SPLITS},
         order=dict(data.get("order") or {}), account=dict(data.get("account") or {}), source=str(path),
     )
+
+
+def _check_fields(path: Path, key: str, texts: list, allowed: frozenset[str]) -> None:
+    """Every ``{placeholder}`` must be one the environment fills in; stray braces are errors too."""
+    for text in texts:
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(str(text)) if name is not None}
+        except ValueError as exc:
+            raise DialogRLError(f"scenario file {path}: key '{key}': bad template {text!r} ({exc})") from None
+        unknown = sorted(names - allowed)
+        if unknown:
+            raise DialogRLError(f"scenario file {path}: key '{key}': unknown placeholder '{{{unknown[0]}}}'; "
+                                f"known: {', '.join(sorted(allowed))}")
 
 
 @cache
@@ -224,5 +249,10 @@ def sample_world(rng: np.random.Generator, scenario: Scenario, split: str) -> tu
         result = ideal.apply(ParsedAction(scenario.resolution, args, ""))
         if not result.ok:
             raise DialogRLError(f"scenario {scenario.source}: resolution cannot succeed ({result.message})")
+    missing = sorted({name for fact in scenario.inform for _, name, _, _ in string.Formatter().parse(fact)
+                      if name and name not in context})
+    if missing:
+        raise DialogRLError(f"scenario {scenario.source}: inform placeholder '{{{missing[0]}}}' has no value "
+                            f"for target '{scenario.target}'")
     inform = [fact.format(**context) for fact in scenario.inform] if eligible else []
     return db, Goal(eligible, ideal.state(), inform, slots, question), me

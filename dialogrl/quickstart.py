@@ -1,0 +1,145 @@
+"""The main job: base model -> historical logs -> SFT -> filtered SFT -> PPO -> held-out evaluation -> report.
+
+Each step writes its output atomically and is skipped when the output already exists, so an interrupted
+quickstart picks up where it stopped. Heavy libraries are imported inside the steps.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dialogrl.types import DialogRLError
+
+
+@dataclass
+class QuickstartConfig:
+    """Settings of ``dialogrl quickstart`` (defaults: ``configs/quickstart.yaml``)."""
+
+    out: str = "runs/quickstart"
+    """Folder for every artefact of the job."""
+    seeds: int = 1
+    """Training seeds per method (several give confidence intervals over seeds too)."""
+    log_episodes: int = 1500
+    """Historical conversations (train split) the supervised baselines learn from."""
+    eval_episodes: int = 200
+    """Held-out test-split scenarios every method is evaluated on (the same seeds for all)."""
+    eval_seed: int = 0
+    """Seed of the held-out scenario draw."""
+    methods: list[str] = field(default_factory=lambda: ["sft", "sft-filtered", "ppo"])
+    """Trained methods, in order (ppo starts from the same seed's sft run)."""
+    base: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the bootstrap base-model config (BootstrapConfig fields)."""
+    sft: list[str] = field(default_factory=list)
+    """``key=value`` overrides for both SFT runs."""
+    ppo: list[str] = field(default_factory=list)
+    """``key=value`` overrides for PPO."""
+    baseline: str = "sft"
+    """Method every other one is compared with."""
+
+
+def _step(name: str) -> float:
+    print(f"\n== {name}", flush=True)
+    return time.perf_counter()
+
+
+def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
+    from dialogrl.agents.ppo import PPOConfig, evaluate_run, train_ppo
+    from dialogrl.agents.sft import SFTConfig, train_sft
+    from dialogrl.config import load_config
+    from dialogrl.evaluation import (
+        evaluate,
+        make_env,
+        run_episodes,
+        scenario_seeds,
+        text_policy_act,
+        write_json,
+    )
+    from dialogrl.policies.bootstrap import BootstrapConfig, cached_base_model
+    from dialogrl.policies.corpus import CORPUS_VERSION, domain_corpus
+    from dialogrl.policies.scripted import make_scripted
+    from dialogrl.report import compare, format_table
+
+    unknown = sorted(set(cfg.methods) - {"sft", "sft-filtered", "ppo"})
+    if unknown:
+        raise DialogRLError(f"unknown method '{unknown[0]}' in quickstart; known: sft, sft-filtered, ppo")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    t = _step("base model (built once, then cached)")
+    base_cfg = load_config(BootstrapConfig, None, [f"{k}={json.dumps(v)}" for k, v in cfg.base.items()])
+    base_dir = cached_base_model(base_cfg, lambda: domain_corpus(base_cfg.corpus_episodes, base_cfg.seed),
+                                 corpus_version=CORPUS_VERSION)
+    print(f"base model: {base_dir}")
+    timings["base"] = time.perf_counter() - t
+
+    t = _step("historical logs (train split)")
+    logs = out / "logs" / "historical.jsonl"
+    if not logs.exists():
+        from dialogrl.cli import write_jsonl
+
+        records = run_episodes(lambda: make_env("dialogrl/CustomerService-v0", split="train"),
+                               text_policy_act(make_scripted("historical", seed=0)),
+                               scenario_seeds(10_000 + cfg.eval_seed, cfg.log_episodes), keep_messages=True)
+        write_jsonl(records, logs)
+    timings["logs"] = time.perf_counter() - t
+
+    evals: list[Path] = []
+    for seed in range(cfg.seeds):
+        for method in cfg.methods:
+            run_dir = out / f"{method}-s{seed}"
+            t = _step(f"{method}, training seed {seed}")
+            if not (run_dir / "run.json").exists():
+                if method.startswith("sft"):
+                    overrides = [f"model={base_dir}", f"train_file={logs}", f"seed={seed}",
+                                 f"output_dir={run_dir}", f"filter_success={method == 'sft-filtered'}", *cfg.sft]
+                    train_sft(load_config(SFTConfig, None, overrides))
+                else:
+                    start = out / f"sft-s{seed}"
+                    if not (start / "run.json").exists():
+                        raise DialogRLError("ppo starts from the sft run: keep 'sft' before 'ppo' in methods")
+                    overrides = [f"init_adapter={start}", f"seed={seed}", f"output_dir={run_dir}", *cfg.ppo]
+                    train_ppo(load_config(PPOConfig, None, overrides))
+            if not (run_dir / "eval.json").exists():
+                evaluate_run(run_dir, cfg.eval_episodes, cfg.eval_seed, method=method, training_seed=seed)
+            evals += [run_dir / "eval.json", run_dir / "eval_sampled.json"]
+            timings[f"{method}-s{seed}"] = time.perf_counter() - t
+
+    t = _step("scripted references")
+    for name in ("expert", "historical"):
+        path = out / f"{name}.eval.json"
+        if not path.exists():
+            write_json(evaluate(make_scripted(name), episodes=cfg.eval_episodes, seed=cfg.eval_seed), path)
+        evals.append(path)
+    timings["scripted"] = time.perf_counter() - t
+
+    t = _step("comparison report")
+    report = compare([p for p in evals if p.name == "eval.json" or ".eval." in p.name], cfg.baseline,
+                     out / "report")
+    sampled = [p for p in evals if p.name == "eval_sampled.json"]
+    if sampled:
+        compare(sampled, cfg.baseline, out / "report_sampled")
+    timings["report"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - started
+    write_json(timings, out / "timings.json")
+    print("\n" + format_table(report))
+    print(f"\nreport: {out / 'report' / 'report.md'} (greedy decoding); sampled: {out / 'report_sampled'}")
+    print(f"total {timings['total']:.0f} s")
+    return report
+
+
+def main_quickstart(config_path: str | None, overrides: list[str]) -> dict[str, Any]:
+    from dialogrl.config import load_config
+
+    default = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+    if config_path is None:
+        from importlib import resources
+
+        packaged = resources.files("dialogrl.configs") / "quickstart.yaml"
+        config_path = str(packaged) if packaged.is_file() else (str(default) if default.is_file() else None)
+    return run_quickstart(load_config(QuickstartConfig, config_path, overrides))

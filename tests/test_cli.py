@@ -1,0 +1,209 @@
+"""The command line: eval JSON, plug-in rewards and scenarios, conversation logs, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from dialogrl.cli import main
+from dialogrl.envs import ENV_IDS
+from dialogrl.envs.scenario import ORDER_ID_RANGE
+from dialogrl.evaluation import scenario_seeds
+from dialogrl.rewards import list_rewards
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CUSTOM_SCENARIO = FIXTURES / "damaged_item.yaml"
+METRICS = {"success_rate", "mean_return", "mean_turns", "violation_rate", "invalid_action_rate",
+           "mean_reply_chars", "reward_components"}
+RECORD = {"scenario_seed", "repeat", "intent", "persona", "success", "return", "turns", "violations",
+          "invalid_actions", "reply_chars", "reward_components"}
+
+
+def run_eval(tmp_path: Path, *args: str, name: str = "eval.json") -> dict[str, Any]:
+    out = tmp_path / name
+    assert main(["eval", *args, "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+# --- eval JSON ------------------------------------------------------------------------------------------------
+
+
+def test_eval_json_has_the_documented_keys_and_consistent_metrics(tmp_path: Path) -> None:
+    result = run_eval(tmp_path, "--policy", "historical", "--episodes", "30", "--seed", "2")
+    assert {"policy", "method", "env_id", "split", "seed", "episodes", "decoding", "training_seed", "metrics",
+            "by_persona", "by_intent", "records"} <= set(result)
+    assert (result["policy"], result["split"], result["seed"], result["episodes"]) == ("historical", "test", 2, 30)
+    assert result["decoding"] == "scripted"
+    metrics, records = result["metrics"], result["records"]
+    assert METRICS <= set(metrics)
+    assert len(records) == 30 and all(RECORD <= set(r) for r in records)
+    # The summary is computed from the records, not made up.
+    assert metrics["success_rate"] == pytest.approx(np.mean([r["success"] for r in records]))
+    assert metrics["mean_return"] == pytest.approx(np.mean([r["return"] for r in records]))
+    assert metrics["mean_turns"] == pytest.approx(np.mean([r["turns"] for r in records]))
+    assert metrics["violation_rate"] == pytest.approx(np.mean([r["violations"] > 0 for r in records]))
+    assert metrics["invalid_action_rate"] == pytest.approx(
+        sum(r["invalid_actions"] for r in records) / sum(r["turns"] for r in records))
+    assert set(metrics["reward_components"]) == {"success", "violation", "invalid_action", "turn_cost", "politeness"}
+    assert sum(metrics["reward_components"].values()) == pytest.approx(metrics["mean_return"])
+    for r in records:
+        assert sum(r["reward_components"].values()) == pytest.approx(r["return"])
+    for group, key in (("by_persona", "persona"), ("by_intent", "intent")):
+        assert set(result[group]) == {r[key] for r in records}
+        assert sum(g["episodes"] for g in result[group].values()) == 30
+        for name, g in result[group].items():
+            assert {"episodes", "success_rate", "mean_return"} <= set(g)
+            mine = [r for r in records if r[key] == name]
+            assert g["success_rate"] == pytest.approx(np.mean([r["success"] for r in mine]))
+
+
+def test_same_seed_pairs_policies_on_the_same_scenarios(tmp_path: Path) -> None:
+    expert = run_eval(tmp_path, "--policy", "expert", "--episodes", "25", "--seed", "7", name="a.json")
+    rand = run_eval(tmp_path, "--policy", "random", "--episodes", "25", "--seed", "7", name="b.json")
+    other = run_eval(tmp_path, "--policy", "expert", "--episodes", "25", "--seed", "8", name="c.json")
+
+    def keys(result: dict[str, Any]) -> list[tuple[int, int, str, str]]:
+        return [(r["scenario_seed"], r["repeat"], r["intent"], r["persona"]) for r in result["records"]]
+
+    assert keys(expert) == keys(rand)  # same customers, same order
+    assert [k[0] for k in keys(expert)] == scenario_seeds(7, 25)
+    assert not {k[0] for k in keys(expert)} & {k[0] for k in keys(other)}
+    assert expert["metrics"]["success_rate"] > rand["metrics"]["success_rate"]
+
+
+# --- plug-ins -------------------------------------------------------------------------------------------------
+
+
+def test_custom_reward_by_import_path_is_its_own_component(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.syspath_prepend(str(FIXTURES))
+    result = run_eval(tmp_path, "--policy", "expert", "--episodes", "5", "--reward", "success",
+                      "--reward", "custom_rewards:brevity=0.1")
+    components = result["metrics"]["reward_components"]
+    assert set(components) == {"success", "custom_rewards:brevity"}
+    for r in result["records"]:
+        # brevity = -0.1 * characters / 100, summed over the episode's replies.
+        assert r["reward_components"]["custom_rewards:brevity"] == pytest.approx(
+            -0.1 * r["reply_chars"] * r["turns"] / 100)
+        assert r["reward_components"]["success"] == float(r["success"])
+    assert components["custom_rewards:brevity"] < 0
+    assert "expert" in capsys.readouterr().out
+
+
+def test_user_scenario_file_through_the_cli(tmp_path: Path) -> None:
+    result = run_eval(tmp_path, "--policy", "expert", "--episodes", "12", "--scenario", str(CUSTOM_SCENARIO),
+                      "--intent", "damaged_item")
+    assert set(result["by_intent"]) == {"damaged_item"}
+    assert result["metrics"]["success_rate"] >= 0.9
+
+
+# --- conversation logs ----------------------------------------------------------------------------------------
+
+
+def test_logs_write_jsonl_that_datasets_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    datasets = pytest.importorskip("datasets")
+    out = tmp_path / "logs.jsonl"
+    argv = ["logs", "--policy", "historical", "--episodes", "20", "--split", "train", "--seed", "3", "--out"]
+    # Reproducible from the seed alone: also in other processes with other string-hash seeds.
+    procs = [subprocess.Popen([sys.executable, "-m", "dialogrl.cli", *argv, str(tmp_path / f"p{h}.jsonl")],
+                              env={**os.environ, "PYTHONHASHSEED": str(h)}, stdout=subprocess.DEVNULL)
+             for h in (1, 2)]
+    assert main([*argv, str(out)]) == 0
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert out.read_bytes() == (tmp_path / "p1.jsonl").read_bytes() == (tmp_path / "p2.jsonl").read_bytes()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+    ds = datasets.load_dataset("json", data_files=str(out), split="train", cache_dir=str(tmp_path / "cache"))
+    assert ds.num_rows == 20
+    assert {"messages", "intent", "persona", "seed", "success", "return", "reward_components"} <= set(ds.column_names)
+    assert ds["seed"] == scenario_seeds(3, 20)
+    lo, hi = ORDER_ID_RANGE["train"]
+    for row in ds:
+        roles = [m["role"] for m in row["messages"]]
+        assert roles[0] == "system" and roles[1] == "user" and "assistant" in roles
+        assert set(roles) <= {"system", "user", "assistant", "tool"}
+        assert all(isinstance(m["content"], str) for m in row["messages"])
+        ids = [int(i) for m in row["messages"] for i in re.findall(r"\bA(\d{5})\b", m["content"])]
+        assert all(lo <= i <= hi for i in ids)  # train-split orders only
+        components = {k: v for k, v in row["reward_components"].items() if v is not None}
+        assert sum(components.values()) == pytest.approx(row["return"])
+    rates = np.mean(ds["success"])
+    assert 0.0 < rates < 1.0  # historical logs are of mixed quality
+
+
+def test_envs_and_rewards_commands_list_what_is_registered(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["envs"]) == 0
+    listed = capsys.readouterr().out
+    assert all(env_id in listed for env_id in ENV_IDS)
+    assert main(["rewards"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in list_rewards())
+
+
+# --- bad input: one line, exit code 2, no traceback -----------------------------------------------------------
+
+EVAL = ["eval", "--policy", "expert", "--episodes", "2"]
+BAD_INPUT: dict[str, tuple[list[str], list[str]]] = {
+    # case: (arguments, what the line must name)
+    "unknown_env": ([*EVAL, "--env", "dialogrl/Nope-v0"], ["unknown env id", "dialogrl/Nope-v0"]),
+    "unknown_reward": ([*EVAL, "--reward", "nosuch_reward"], ["unknown reward", "nosuch_reward"]),
+    "unimportable_reward": ([*EVAL, "--reward", "no_such_module:fn"], ["no_such_module:fn"]),
+    "raising_reward": ([*EVAL, "--reward", "custom_rewards:exploding"], ["custom_rewards:exploding", "boom"]),
+    "malformed_yaml": ([*EVAL, "--scenario", str(FIXTURES / "malformed.yaml")], ["malformed.yaml", "YAML"]),
+    "missing_key": ([*EVAL, "--scenario", str(FIXTURES / "missing_key.yaml")], ["missing_key.yaml", "resolution"]),
+    "negative_episodes": (["eval", "--policy", "expert", "--episodes", "-3"], ["episodes", "-3"]),
+    "unknown_policy": (["eval", "--policy", "nosuch_policy", "--episodes", "2"], ["nosuch_policy"]),
+    "unknown_intent": ([*EVAL, "--intent", "no_such_intent"], ["no_such_intent"]),
+    "negative_seed": ([*EVAL, "--seed", "-1"], ["seed", "-1"]),
+    "text_policy_on_acts_env": ([*EVAL, "--env", "dialogrl/CustomerServiceActs-v0"], ["CustomerServiceActs-v0"]),
+    "scenario_wrong_type": ([*EVAL, "--scenario", "wrong_type.yaml"], ["wrong_type.yaml", "order"]),
+    "scenario_bad_placeholder": ([*EVAL, "--scenario", "bad_placeholder.yaml", "--intent", "refund"],
+                                 ["bad_placeholder.yaml", "nokey"]),
+}
+EVAL_WRITES = {k for k, (argv, _) in BAD_INPUT.items() if argv[0] == "eval"}
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Every bad-input command at once, each in its own folder (the processes only import and fail)."""
+    refund = Path(__file__).parents[1] / "envs" / "scenarios" / "refund.yaml"
+    text = refund.read_text()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FIXTURES), os.environ.get("PYTHONPATH", "")])}
+    procs = {}
+    for case, (argv, _) in BAD_INPUT.items():
+        cwd = tmp_path_factory.mktemp(case)
+        (cwd / "wrong_type.yaml").write_text(re.sub(r"order:\n(  .*\n)+", "order: 5\n", text))
+        (cwd / "bad_placeholder.yaml").write_text(text.replace('"{total}"', '"{nokey}"'))
+        extra = ["--out", str(cwd / "eval.json")] if case in EVAL_WRITES else []
+        procs[case] = (subprocess.Popen([sys.executable, "-m", "dialogrl.cli", *argv, *extra], cwd=cwd, env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), cwd)
+    runs = {}
+    for case, (proc, cwd) in procs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        runs[case] = (subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), cwd)
+    return runs
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_one_line_and_exit_code_2(
+    bad_input_runs: dict[str, tuple[subprocess.CompletedProcess, Path]], case: str
+) -> None:
+    result, cwd = bad_input_runs[case]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.endswith("\n") and result.stderr.count("\n") == 1, result.stderr
+    line = result.stderr.strip()
+    assert line.startswith("dialogrl: error: ")
+    for word in BAD_INPUT[case][1]:
+        assert word.lower() in line.lower(), (word, line)
+    assert sorted(p.name for p in cwd.iterdir() if not p.name.endswith(".yaml")) == []  # nothing half-written
+
