@@ -190,7 +190,8 @@ def ppo_loss(module: nn.Module, data: Prepared, idx: list[int], cfg: PPOConfig) 
     v_clipped = old_v + torch.clamp(new_v - old_v, -cfg.value_clip, cfg.value_clip)
     vf = 0.5 * torch.max((new_v - ret) ** 2, (v_clipped - ret) ** 2).mean()
     clipfrac = ((ratio - 1).abs() > cfg.clip_range).float().mean()
-    return pg + cfg.vf_coef * vf, {"pg_loss": float(pg), "vf_loss": float(vf), "clipfrac": float(clipfrac)}
+    parts = {"pg_loss": pg.item(), "vf_loss": vf.item(), "clipfrac": clipfrac.item()}
+    return pg + cfg.vf_coef * vf, parts
 
 
 def train_ppo(cfg: PPOConfig) -> Path:

@@ -1,0 +1,177 @@
+"""SFT baseline: trains a LoRA adapter with TRL on CPU, writes a reloadable run directory atomically."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from dialogrl.agents.sft import SFTConfig, main_sft, train_sft
+from dialogrl.config import load_config
+from dialogrl.types import DialogRLError
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).parents[1]
+REALDATA = REPO.parent / "shared" / "realdata"
+REAL_FILES = ["multiwoz21/train_sample.jsonl", "taskmaster4/train_sample.jsonl",
+              "tau_bench/trajectories_train.jsonl", "abcd/sample.jsonl"]
+
+
+def conversation(i: int, success: bool) -> dict[str, Any]:
+    order = f"A10{i % 10}"
+    return {
+        "messages": [
+            {"role": "system", "content": "Refunds need a verified customer."},
+            {"role": "user", "content": f"Where is my order {order}?"},
+            {"role": "assistant", "content": f"Let me check. [lookup_order order={order}]"},
+            {"role": "tool", "content": f"order {order}: shipped"},
+            {"role": "assistant", "content": f"Your order {order} has shipped."},
+        ],
+        "success": success, "intent": "order_status",
+    }
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def model_dir(tiny_model_dir: str | Path) -> Path:
+    """The session's tiny base model (GPT-2 + tokenizer with a chat template), as a Path."""
+    return Path(tiny_model_dir)
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_train_reload_and_generate(model_dir: Path, tmp_path: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = write_jsonl(tmp_path / "logs.jsonl", [conversation(i, success=i % 4 != 0) for i in range(16)])
+    out = tmp_path / "runs" / "sft"
+    run_dir = main_sft(str(REPO / "configs" / "sft.yaml"), [
+        f"model={model_dir}", f"train_file={data}", f"output_dir={out}", "filter_success=true",
+        "max_steps=6", "eval_steps=3", "logging_steps=1", "per_device_train_batch_size=4", "max_length=128",
+        "eval_fraction=0.25", "seed=3",
+    ])
+    assert run_dir == out
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "config.yaml", "run.json"]
+    assert leftovers(out.parent) == []  # the temp dir was renamed, and its checkpoints removed
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["method"] == "sft-filtered" and run["seed"] == 3
+    assert run["base_model"] == str(model_dir.resolve())
+    assert set(run["versions"]) == {"torch", "transformers", "trl", "peft", "dialogrl"}
+    metrics = run["metrics"]
+    assert metrics["loaded_conversations"] == 12  # 4 of 16 failed and were filtered out
+    assert metrics["train_conversations"] + metrics["eval_conversations"] == 12
+    assert metrics["eval_conversations"] == 3
+    assert metrics["steps"] == 6 and [s for s, _ in metrics["train_loss"]] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _ in metrics["eval_loss"]] == [3, 6]
+    assert metrics["best_eval_loss"] == min(loss for _, loss in metrics["eval_loss"])
+    assert metrics["wall_time_s"] > 0
+
+    config = load_config(SFTConfig, out / "config.yaml")
+    assert config.max_steps == 6 and config.train_file == str(data) and config.filter_success
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = PeftModel.from_pretrained(base, out / "adapter")
+    model.eval()
+    prompt = tokenizer.apply_chat_template(
+        conversation(1, True)["messages"][:2], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        tuned = model(**prompt).logits
+        with model.disable_adapter():
+            plain = model(**prompt).logits
+        generated = model.generate(**prompt, max_new_tokens=8, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    assert not torch.allclose(tuned, plain)  # LoRA starts as a no-op; training moved it
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_loss_decreases_on_repetitive_data(model_dir: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "rep.jsonl", [conversation(i, True) for i in range(8)])
+    run_dir = train_sft(SFTConfig(
+        model=str(model_dir), train_file=str(data), output_dir=str(tmp_path / "run"), eval_fraction=0,
+        max_steps=30, logging_steps=1, learning_rate=1e-2, per_device_train_batch_size=4, max_length=128,
+        lora_dropout=0.0,
+    ))
+    losses = [loss for _, loss in json.loads((run_dir / "run.json").read_text())["metrics"]["train_loss"]]
+    assert len(losses) == 30
+    first, last = losses[0], sum(losses[-5:]) / 5
+    # batch-to-batch noise on this data is ~0.03; LoRA on a random tiny base lowers the loss by 3-15 %
+    assert last < 0.97 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"
+
+
+@pytest.mark.skipif(not REALDATA.is_dir(), reason="shared/realdata is absent")
+@pytest.mark.parametrize("name", REAL_FILES)
+def test_a_few_steps_on_real_data(model_dir: Path, tmp_path: Path, name: str) -> None:
+    run_dir = train_sft(SFTConfig(
+        model=str(model_dir), train_file=str(REALDATA / name), output_dir=str(tmp_path / "run"),
+        eval_fraction=0, max_steps=2, logging_steps=1, per_device_train_batch_size=2, max_length=256,
+    ))
+    metrics = json.loads((run_dir / "run.json").read_text())["metrics"]
+    assert metrics["steps"] == 2 and metrics["train_conversations"] > 0
+    assert all(loss > 0 for _, loss in metrics["train_loss"])
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ({"conversation": []}, "no 'messages' field"),
+        ({"messages": [{"role": "bot", "content": "hi"}]}, "unknown role 'bot'"),
+        ("{oops", "not valid JSON"),
+    ],
+)
+def test_bad_jsonl_fails_before_writing(model_dir: Path, tmp_path: Path, line: Any, needle: str) -> None:
+    data = write_jsonl(tmp_path / "bad.jsonl", [conversation(0, True), conversation(1, True), line])
+    out = tmp_path / "runs" / "sft"
+    with pytest.raises(DialogRLError) as info:
+        train_sft(SFTConfig(model=str(model_dir), train_file=[str(data)], output_dir=str(out), max_steps=1))
+    assert "bad.jsonl row 3" in str(info.value) and needle in str(info.value)
+    assert not out.exists() and (not out.parent.exists() or leftovers(out.parent) == [])
+
+
+def test_bad_model_and_existing_output(model_dir: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "ok.jsonl", [conversation(0, True), conversation(1, True)])
+    out = tmp_path / "runs" / "sft"
+    with pytest.raises(DialogRLError, match="model directory not found: .*nope"):
+        train_sft(SFTConfig(model=str(tmp_path / "nope"), train_file=str(data), output_dir=str(out)))
+    assert not out.parent.exists()
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "config.json").write_text('{"model_type": "gpt2"}')  # no weights, no tokenizer files
+    with pytest.raises(DialogRLError, match="fake"):
+        train_sft(SFTConfig(model=str(fake), train_file=str(data), output_dir=str(out), eval_fraction=0))
+    assert not out.exists() and leftovers(out.parent) == []
+    out.mkdir(parents=True)
+    (out / "keep.txt").write_text("old run")
+    with pytest.raises(DialogRLError, match="already exists"):
+        train_sft(SFTConfig(model=str(model_dir), train_file=str(data), output_dir=str(out)))
+    assert (out / "keep.txt").read_text() == "old run" and leftovers(out.parent) == []
+    with pytest.raises(DialogRLError, match="no conversations with success=true"):
+        write_jsonl(data, [conversation(0, False)])
+        train_sft(SFTConfig(model=str(model_dir), train_file=str(data), output_dir=str(out),
+                            filter_success=True, overwrite=True))
+
+
+def test_config_validation_and_yaml_defaults() -> None:
+    with pytest.raises(DialogRLError, match="eval_fraction"):
+        load_config(SFTConfig, None, ["eval_fraction=1.5"])
+    with pytest.raises(DialogRLError, match="unknown key 'lora_rank'"):
+        load_config(SFTConfig, None, ["lora_rank=4"])
+    # the shipped YAML states every default explicitly
+    shipped = yaml.safe_load((REPO / "configs" / "sft.yaml").read_text())
+    assert load_config(SFTConfig, REPO / "configs" / "sft.yaml") == SFTConfig()
+    assert set(shipped) == set(SFTConfig.__dataclass_fields__)
