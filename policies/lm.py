@@ -154,7 +154,7 @@ class LMPolicy:
         """Chat-template prompts (ending in the assistant header), truncated to the budget; and which were cut."""
         tok = self.tokenizer
         texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-        ids = tok(texts, add_special_tokens=False)["input_ids"]
+        ids = tok(texts, add_special_tokens=False, verbose=False)["input_ids"]
         budget = self.context - self.generation.max_new_tokens
         if budget < 1:
             raise DialogRLError(f"max_new_tokens={self.generation.max_new_tokens} leaves no room for the prompt "
@@ -172,7 +172,7 @@ class LMPolicy:
         if not conv or conv[0].get("role") != "system":
             return []
         text = self.tokenizer.apply_chat_template(conv[:1], tokenize=False)
-        head = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        head = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         # Keep it only if it tokenizes the same alone as in context, and leaves room for the recent turns.
         return head if len(head) <= budget // 2 and seq[:len(head)] == head else []
 

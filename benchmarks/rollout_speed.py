@@ -1,0 +1,106 @@
+"""Rollout speed: multi-turn rollouts vs raw ``generate`` on the same model and batches, and batched vs one
+conversation at a time.
+
+- ``rollout_vs_raw``: generated tokens/s of ``agents.rollouts.collect`` (tokenisation, env steps, reward
+  functions included) divided by that of plain ``model.generate`` on the very same prompts, batch by batch.
+  Target >= 0.9.
+- ``batched_vs_sequential``: tokens/s of a batched rollout over one conversation at a time, same seeds.
+  Target >= 5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from dialogrl.agents.rollouts import collect
+from dialogrl.evaluation import make_env, scenario_seeds, write_json
+from dialogrl.policies.lm import GenerationSettings, LMPolicy
+
+
+def raw_generate_tps(policy: LMPolicy, batches: list[list[list[int]]], settings: GenerationSettings) -> float:
+    """Plain HF generate on pre-tokenised, left-padded batches: the ceiling a rollout loop can reach."""
+    from transformers import GenerationConfig
+
+    model, tokens, seconds = policy.model, 0, 0.0
+    config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=True, temperature=settings.temperature,
+                              top_k=0, eos_token_id=policy.end_id, pad_token_id=policy.pad_id, use_cache=True)
+    for prompts in batches:
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), policy.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        seconds += time.perf_counter() - start
+        new = out[:, width:]
+        ended = new == policy.end_id
+        lengths = torch.where(ended.any(1), ended.int().argmax(1) + 1, torch.full((len(prompts),), new.shape[1]))
+        tokens += int(lengths.sum())
+    return tokens / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", help="local model dir (default: the cached bootstrap base model)")
+    parser.add_argument("--batch", type=int, default=32, help="conversations side by side")
+    parser.add_argument("--sequential-episodes", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="benchmarks/results/rollout_speed.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.model is None:
+        from dialogrl.policies.bootstrap import default_base_model
+
+        args.model = str(default_base_model())
+    settings = GenerationSettings(do_sample=True, temperature=1.0, max_new_tokens=args.max_new_tokens)
+    policy = LMPolicy.from_pretrained(args.model, generation=settings, name="base")
+    env_fn = lambda: make_env("dialogrl/CustomerService-v0", split="train")  # noqa: E731
+
+    torch.manual_seed(0)
+    collect(policy, env_fn, scenario_seeds(99, 4), batch_size=4)  # warm-up
+    torch.manual_seed(1)
+    batched = collect(policy, env_fn, scenario_seeds(1, args.batch), batch_size=args.batch)
+    rollout_tps = batched.generated_tokens / batched.seconds
+    # The same prompts, grouped as the rollout batched them (turn by turn), through plain generate.
+    by_turn: dict[int, list[list[int]]] = defaultdict(list)
+    for s in batched.samples:
+        by_turn[s.turn].append(s.prompt_ids)
+    torch.manual_seed(1)
+    raw_tps = raw_generate_tps(policy, [by_turn[t] for t in sorted(by_turn)], settings)
+
+    seeds = scenario_seeds(1, args.sequential_episodes)
+    torch.manual_seed(2)
+    one = collect(policy, env_fn, seeds, batch_size=1)
+    torch.manual_seed(2)
+    many = collect(policy, env_fn, seeds * max(1, args.batch // len(seeds)), batch_size=args.batch)
+    seq_tps, bat_tps = one.generated_tokens / one.seconds, many.generated_tokens / many.seconds
+
+    result = {
+        "model": str(args.model), "params": sum(p.numel() for p in policy.model.parameters()),
+        "batch": args.batch, "max_new_tokens": args.max_new_tokens, "torch_threads": args.threads,
+        "rollout_tokens_per_sec": rollout_tps, "raw_generate_tokens_per_sec": raw_tps,
+        "rollout_vs_raw": rollout_tps / raw_tps, "rollout_vs_raw_target": 0.9,
+        "sequential_tokens_per_sec": seq_tps, "batched_tokens_per_sec": bat_tps,
+        "batched_vs_sequential": bat_tps / seq_tps, "batched_vs_sequential_target": 5.0,
+        "python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+    }
+    result["met"] = result["rollout_vs_raw"] >= 0.9 and result["batched_vs_sequential"] >= 5.0
+    write_json(result, Path(args.out))
+    for key in ("rollout_tokens_per_sec", "raw_generate_tokens_per_sec", "rollout_vs_raw", "sequential_tokens_per_sec",
+                "batched_tokens_per_sec", "batched_vs_sequential", "met"):
+        print(f"{key:30s} {result[key]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The offline base model: tokenizer, chat template (assistant mask), build, determinism and the cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dialogrl.policies.bootstrap import (
+    BootstrapConfig,
+    build_base_model,
+    cache_root,
+    cached_base_model,
+)
+from dialogrl.types import DialogRLError
+
+ALL_ROLES = [
+    {"role": "system", "content": "Refunds need a verified customer."},
+    {"role": "user", "content": "Hi, where is order A10420? Ça va — 5 € ✓"},
+    {"role": "assistant", "content": "Let me check. [lookup_order order=A10420]"},
+    {"role": "tool", "content": "order A10420: shipped"},
+    {"role": "assistant", "content": "It has shipped.  Anything else?"},
+    {"role": "user", "content": "No, thanks."},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir, local_files_only=True)
+
+
+def test_saved_directory_is_a_plain_hf_model(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    names = {p.name for p in tiny_model_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "bootstrap.json"} <= names
+    assert not [p for p in tiny_model_dir.parent.iterdir() if p.name.startswith(".")]  # no temp dir left
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, local_files_only=True)
+    cfg = BootstrapConfig.tiny()
+    assert (model.config.n_layer, model.config.n_embd, model.config.n_positions) == (
+        cfg.n_layer, cfg.n_embd, cfg.n_positions)
+    stats = json.loads((tiny_model_dir / "bootstrap.json").read_text())["stats"]
+    assert stats["parameters"] == sum(p.numel() for p in model.parameters())
+    assert stats["final_loss"] < stats["first_loss"] - 1.0  # pre-training learned something
+
+
+@pytest.mark.parametrize("text", ["[refund order=A10420] done.", "  two  spaces\nand a newline", "Ça va — 5 € ✓ 🙂"])
+def test_tokenizer_round_trip(tokenizer, text: str) -> None:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    assert max(ids) < len(tokenizer)
+
+
+def test_chat_template_renders_every_role_and_generation_prompt(tokenizer) -> None:
+    text = tokenizer.apply_chat_template(ALL_ROLES, tokenize=False)
+    expected = "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in ALL_ROLES)
+    assert text == expected
+    prompt = tokenizer.apply_chat_template(ALL_ROLES, tokenize=False, add_generation_prompt=True)
+    assert prompt == expected + "<|assistant|>"
+    assert tokenizer.eos_token == "<|end|>" and tokenizer.pad_token == "<|pad|>"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text  # role markers are single special tokens that decode back
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "".join(m["content"] for m in ALL_ROLES)
+    with pytest.raises(Exception, match="unknown chat role"):
+        tokenizer.apply_chat_template([{"role": "robot", "content": "x"}], tokenize=False)
+
+
+def test_assistant_mask_covers_exactly_the_assistant_turns(tokenizer) -> None:
+    out = tokenizer.apply_chat_template(ALL_ROLES, return_assistant_tokens_mask=True, return_dict=True)
+    ids, mask = out["input_ids"], out["assistant_masks"]
+    assert len(ids) == len(mask) and 0 < sum(mask) < len(mask)
+    masked = tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert masked == "".join(m["content"] + "<|end|>" for m in ALL_ROLES if m["role"] == "assistant")
+    unmasked = tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if not m])
+    assert "lookup_order" not in unmasked and "<|assistant|>" in unmasked and "Refunds" in unmasked
+
+
+def test_cache_builds_once_per_config_and_is_deterministic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            make_corpus) -> None:
+    calls: list[int] = []
+
+    def corpus():
+        calls.append(1)
+        return make_corpus(40)
+
+    cfg = BootstrapConfig.tiny()
+    cfg.steps = 20
+    monkeypatch.setenv("DIALOGRL_CACHE", str(tmp_path / "cache"))
+    first = cached_base_model(cfg, corpus, corpus_version="t1", progress=False)
+    assert first.parent == tmp_path / "cache" and len(calls) == 1
+    mtime = (first / "model.safetensors").stat().st_mtime_ns
+    again = cached_base_model(cfg, corpus, corpus_version="t1", progress=False)
+    assert again == first and len(calls) == 1 and (first / "model.safetensors").stat().st_mtime_ns == mtime
+
+    # Same config and corpus elsewhere: identical weights (seeded). Another corpus version: another entry.
+    other = cached_base_model(cfg, corpus, cache_dir=tmp_path / "other", corpus_version="t1", progress=False)
+    assert (other / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
+    assert BootstrapConfig.tiny().cache_key("t1") != cfg.cache_key("t1") != cfg.cache_key("t2")
+
+
+def test_cache_root_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("DIALOGRL_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "dialogrl"
+    monkeypatch.setenv("DIALOGRL_CACHE", str(tmp_path / "mine"))
+    assert cache_root() == tmp_path / "mine"
+    assert cache_root(tmp_path / "explicit") == tmp_path / "explicit"
+    monkeypatch.delenv("DIALOGRL_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache_root() == Path.home() / ".cache" / "dialogrl"
+
+
+def test_bad_inputs_fail_cleanly_and_write_nothing(tmp_path: Path, tiny_model_dir: Path) -> None:
+    cfg = BootstrapConfig.tiny()
+    with pytest.raises(DialogRLError, match="conversation 1: unknown message role 'robot'"):
+        build_base_model(cfg, [ALL_ROLES, [{"role": "robot", "content": "x"}]], tmp_path / "a", progress=False)
+    with pytest.raises(DialogRLError, match="vocab_size=100"):
+        build_base_model(BootstrapConfig(vocab_size=100), [ALL_ROLES], tmp_path / "b", progress=False)
+    with pytest.raises(DialogRLError, match="empty"):
+        build_base_model(cfg, [], tmp_path / "c", progress=False)
+    with pytest.raises(DialogRLError, match="already exists"):
+        build_base_model(cfg, [ALL_ROLES], tiny_model_dir, progress=False)
+    assert list(tmp_path.iterdir()) == []
