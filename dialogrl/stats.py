@@ -7,31 +7,50 @@ from math import comb, sqrt
 
 import numpy as np
 
+_CHUNK = 1_000_000
+"""Bootstrap indices drawn at a time, so 10,000 resamples of thousands of scenarios stay small in memory."""
+
 
 def paired_bootstrap_ci(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, n_boot: int = 10_000,
                         seed: int = 0, alpha: float = 0.05) -> dict[str, float]:
     """Mean of ``a - b`` over paired scenarios, with a percentile bootstrap CI that resamples scenarios.
 
-    Written by hand: scipy's ``bootstrap`` is not a dependency, and the paired resampling is three lines.
+    ``a[i]`` and ``b[i]`` are the two methods' values on scenario ``i``. Written by hand: scipy is not a
+    dependency, and the paired resampling is a few lines.
     """
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
         raise ValueError(f"paired samples need equal non-empty 1-d shapes, got {a.shape} and {b.shape}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("paired samples must be finite")
+    if n_boot < 1 or not 0 < alpha < 1:
+        raise ValueError(f"need n_boot >= 1 and 0 < alpha < 1, got n_boot={n_boot}, alpha={alpha}")
     diff = a - b
+    n = len(diff)
     rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), size=(n_boot, len(diff)))].mean(axis=1)
+    rows = max(1, _CHUNK // n)
+    means = np.concatenate([diff[rng.integers(0, n, size=(min(rows, n_boot - start), n))].mean(axis=1)
+                            for start in range(0, n_boot, rows)])
     low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return {"mean_diff": float(diff.mean()), "low": float(low), "high": float(high), "n": int(len(diff))}
+    mean = float(diff.mean())
+    # Rounding in the resampled means can put a zero-width CI a few ulps beside the mean; clamp it.
+    return {"mean_diff": mean, "low": min(float(low), mean), "high": max(float(high), mean), "n": int(n)}
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of a success rate (``successes`` may be fractional when pooled)."""
+    """95% Wilson score interval of a success rate (``successes`` may be fractional when pooled).
+
+    Unlike the bootstrap it never collapses to zero width at 0% or 100% success.
+    """
     if n <= 0:
         return (0.0, 1.0)
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must lie in [0, {n}], got {successes}")
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # The interval always contains p; clamping keeps float rounding at p = 0 or 1 from putting it outside.
+    return (max(0.0, min(centre - half, p)), min(1.0, max(centre + half, p)))
 
 
 def pass_hat_k(successes_by_scenario: Mapping[Hashable, Sequence[bool]], k: int) -> float:
@@ -39,6 +58,8 @@ def pass_hat_k(successes_by_scenario: Mapping[Hashable, Sequence[bool]], k: int)
 
     Unbiased per scenario with n trials and c successes: C(c, k) / C(n, k).
     """
+    if k < 1:
+        raise ValueError(f"pass^k needs k >= 1, got {k}")
     values = []
     for trials in successes_by_scenario.values():
         n, c = len(trials), int(sum(bool(t) for t in trials))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from dialogrl.report import compare, format_table
+from dialogrl.report import compare, format_table, load_eval
 from dialogrl.stats import paired_bootstrap_ci, pass_hat_k, wilson_interval
 from dialogrl.types import DialogRLError
 
@@ -37,6 +38,29 @@ def test_bootstrap_ci_brackets_the_truth_and_shrinks_with_n() -> None:
     assert widths[1] < widths[0] / 2.5  # ~1/sqrt(16) = 1/4 of the width
 
 
+def test_bootstrap_ci_covers_the_truth_about_95_percent_of_the_time() -> None:
+    rng = np.random.default_rng(3)
+    hits = 0
+    for rep in range(200):
+        a, b = rng.random(60) < 0.7, rng.random(60) < 0.5  # true difference 0.2
+        ci = paired_bootstrap_ci(a, b, n_boot=1000, seed=rep)
+        hits += ci["low"] <= 0.2 <= ci["high"]
+    assert 0.88 <= hits / 200 <= 0.99
+
+
+def test_bootstrap_is_seeded_and_chunking_keeps_every_resample() -> None:
+    rng = np.random.default_rng(4)
+    a, b = rng.random(3000), rng.random(3000)  # 3000 scenarios -> resamples drawn in several chunks
+    first, again = paired_bootstrap_ci(a, b, n_boot=900, seed=7), paired_bootstrap_ci(a, b, n_boot=900, seed=7)
+    assert first == again
+    se = np.std(a - b, ddof=1) / np.sqrt(3000)
+    assert first["high"] - first["low"] == pytest.approx(2 * 1.96 * se, rel=0.15)
+    with pytest.raises(ValueError):
+        paired_bootstrap_ci([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError):
+        paired_bootstrap_ci([1.0, float("nan")], [1.0, 2.0])
+
+
 def test_known_bootstrap_case_matches_the_binomial_standard_error() -> None:
     # 400 scenarios, half wins and half ties: diff mean 0.5, sd 0.5, se 0.025 -> 95% CI ~ 0.5 +- 0.049.
     a, b = np.r_[np.ones(200), np.zeros(200)], np.zeros(400)
@@ -49,17 +73,25 @@ def test_pass_hat_k_hand_computed() -> None:
     # scenario 1: C(3,2)/C(4,2) = 3/6; scenario 2: C(1,2)/C(4,2) = 0 -> mean 0.25
     assert pass_hat_k(trials, 2) == pytest.approx(0.25)
     assert pass_hat_k(trials, 1) == pytest.approx((0.75 + 0.25) / 2)
+    assert pass_hat_k({1: [True] * 3, 2: [True, False, True]}, 3) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        pass_hat_k(trials, 5)
     lo, hi = wilson_interval(50, 100)
     assert lo == pytest.approx(0.404, abs=1e-3) and hi == pytest.approx(0.596, abs=1e-3)
+    lo, hi = wilson_interval(0, 20)  # no collapse to a zero-width interval at 0% (the bootstrap would)
+    assert lo == 0.0 and hi == pytest.approx(0.161, abs=1e-3)
 
 
-def _eval(path: Path, method: str, successes: dict[int, list[bool]], training_seed: int = 0) -> Path:
+def _eval(path: Path, method: str, successes: dict[int, list[bool]], training_seed: int | None = 0,
+          decoding: str = "greedy", bonus: float = 0.0, **extra: object) -> Path:
     records = [{"scenario_seed": s, "repeat": i, "intent": "refund", "persona": "vague" if s % 2 else "cooperative",
-                "success": ok, "return": float(ok), "turns": 3, "violations": 0, "invalid_actions": 0,
-                "reply_chars": 40.0, "reward_components": {"success": float(ok)}}
+                "success": ok, "return": float(ok) + bonus, "turns": 3, "violations": 0, "invalid_actions": 0,
+                "reply_chars": 40.0, "reward_components": {"success": float(ok), "bonus": bonus}}
                for s, oks in successes.items() for i, ok in enumerate(oks)]
-    data = {"policy": method, "method": method, "decoding": "greedy", "training_seed": training_seed,
+    data = {"policy": method, "method": method, "env_id": "dialogrl/CustomerService-v0", "split": "test",
+            "decoding": decoding, "training_seed": training_seed,
             "metrics": {"success_rate": float(np.mean([r["success"] for r in records]))}, "records": records}
+    data.update(extra)
     path.write_text(json.dumps(data))
     return path
 
@@ -78,10 +110,44 @@ def test_compare_pools_seeds_pairs_on_shared_scenarios_and_writes_files(tmp_path
     expected = np.mean(per_scenario) - np.mean([s % 4 == 0 for s in range(40)])
     assert vs["success"]["mean_diff"] == pytest.approx(expected)
     assert vs["success"]["low"] > 0
+    # the method's own rate: per scenario over both seeds (40..49 only from seed 1), then over its 50 scenarios
+    own = per_scenario + [float(s % 2 == 0) for s in range(40, 50)]
+    assert ppo["scenarios"] == 50 and ppo["episodes"] == 80
+    assert ppo["success_rate"] == pytest.approx(np.mean(own))
+    assert ppo["success_ci"][0] < ppo["success_rate"] < ppo["success_ci"][1]
+    assert ppo["by_persona"]["cooperative"]["success_rate"] == pytest.approx(np.mean(own[::2]))
     for name in ("report.md", "report.json", "report.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
-    assert "How to read this" in (tmp_path / "out" / "report.md").read_text()
+    assert (tmp_path / "out" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "out" / "report.json").read_text()) == json.loads(json.dumps(report))
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "How to read this" in md and "greedy" in md and "Success by persona" in md
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # temp dir cleaned up
     assert "ppo" in format_table(report)
+
+
+def test_reward_hacking_is_flagged_next_to_the_outcomes(tmp_path: Path) -> None:
+    outcomes = {s: [s % 3 == 0] for s in range(60)}
+    base = _eval(tmp_path / "sft.json", "sft", outcomes)
+    hack = _eval(tmp_path / "ppo.json", "ppo", outcomes, bonus=1.0, decoding="sampled",
+                 metrics={"kl_to_reference": 2.5})
+    report = compare([base, hack], "sft", tmp_path / "out", n_boot=500)
+    ppo = report["methods"]["ppo"]
+    assert ppo["vs_baseline"]["mean_return"]["mean_diff"] == pytest.approx(1.0)
+    assert ppo["vs_baseline"]["success_rate"]["mean_diff"] == pytest.approx(0.0)
+    assert ppo["flags"] == ["return rose but success did not measurably rise"]
+    assert ppo["kl_to_reference"] == 2.5 and ppo["reward_components"]["bonus"] == 1.0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "return rose but success did not" in md and "2.500" in md and "sampled" in md
+
+
+def test_a_method_under_two_decodings_is_split_not_pooled(tmp_path: Path) -> None:
+    base = _eval(tmp_path / "sft.json", "sft", {s: [True] for s in range(10)})
+    greedy = _eval(tmp_path / "g.json", "ppo", {s: [True] for s in range(10)})
+    sampled = _eval(tmp_path / "s.json", "ppo", {s: [False] for s in range(10)}, decoding="sampled")
+    report = compare([base, greedy, sampled], "sft", tmp_path / "out", n_boot=100)
+    assert set(report["methods"]) == {"sft", "ppo@greedy", "ppo@sampled"}
+    assert report["methods"]["ppo@sampled"]["success_rate"] == 0.0
 
 
 def test_pass_k_reported_when_scenarios_repeat(tmp_path: Path) -> None:
@@ -101,3 +167,47 @@ def test_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(DialogRLError, match="shares no scenario seed"):
         compare([base, other], "sft", tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda d: d["records"][1].pop("success"), r"records\[1\] has no 'success'"),
+    (lambda d: d["records"][0].update(reply_chars="long"), r"records\[0\].reply_chars has a bad value"),
+    (lambda d: d.update(records=[]), "missing or empty 'records'"),
+    (lambda d: d.update(method=None, policy=None), "needs a 'method' or 'policy'"),
+])
+def test_malformed_eval_files_name_file_record_and_key(tmp_path: Path, mutate: Callable[[dict], object],
+                                                      message: str) -> None:
+    path = _eval(tmp_path / "e.json", "sft", {1: [True], 2: [False]})
+    data = json.loads(path.read_text())
+    mutate(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(DialogRLError, match=message) as err:
+        load_eval(path)
+    assert "e.json" in str(err.value)
+
+
+def test_inconsistent_inputs_are_refused(tmp_path: Path) -> None:
+    base = _eval(tmp_path / "sft.json", "sft", {1: [True], 2: [False]})
+    with pytest.raises(DialogRLError, match="given twice"):
+        compare([base, tmp_path / "sft.json"], "sft", tmp_path / "out")
+    other_env = _eval(tmp_path / "x.json", "ppo", {1: [True]}, env_id="dialogrl/Refund-v0")
+    with pytest.raises(DialogRLError, match="differ in env_id"):
+        compare([base, other_env], "sft", tmp_path / "out")
+    swapped = _eval(tmp_path / "y.json", "ppo", {1: [True]})
+    data = json.loads(swapped.read_text())
+    data["records"][0]["persona"] = "angry"
+    swapped.write_text(json.dumps(data))
+    with pytest.raises(DialogRLError, match="scenario seed 1 is refund/angry in .*y.json but refund/vague in .*sft.json"):
+        compare([base, swapped], "sft", tmp_path / "out")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(DialogRLError, match="not a directory"):
+        compare([base], "sft", tmp_path / "afile")
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_directory_holding_eval_json_is_accepted(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    _eval(tmp_path / "run" / "eval.json", "sft", {1: [True]})
+    assert load_eval(tmp_path / "run")["method"] == "sft"
+    with pytest.raises(DialogRLError, match="no such evaluation file"):
+        load_eval(tmp_path / "missing.json")
