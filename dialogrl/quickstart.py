@@ -39,6 +39,8 @@ class QuickstartConfig:
     """``key=value`` overrides for PPO."""
     baseline: str = "sft"
     """Method every other one is compared with."""
+    scripted_only: bool = False
+    """Only evaluate the scripted policies (random, historical, expert) and compare them (no training)."""
 
 
 def _step(name: str) -> float:
@@ -63,6 +65,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     from dialogrl.policies.scripted import make_scripted
     from dialogrl.report import compare, format_table
 
+    if cfg.scripted_only:
+        return _scripted_only(cfg)
     unknown = sorted(set(cfg.methods) - {"sft", "sft-filtered", "ppo"})
     if unknown:
         raise DialogRLError(f"unknown method '{unknown[0]}' in quickstart; known: sft, sft-filtered, ppo")
@@ -130,6 +134,23 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     print("\n" + format_table(report))
     print(f"\nreport: {out / 'report' / 'report.md'} (greedy decoding); sampled: {out / 'report_sampled'}")
     print(f"total {timings['total']:.0f} s")
+    return report
+
+
+def _scripted_only(cfg: QuickstartConfig) -> dict[str, Any]:
+    from dialogrl.evaluation import evaluate, write_json
+    from dialogrl.policies.scripted import make_scripted
+    from dialogrl.report import compare, format_table
+
+    out = Path(cfg.out)
+    paths = []
+    for name in ("random", "historical", "expert"):
+        _step(f"{name}: {cfg.eval_episodes} held-out test scenarios")
+        paths.append(write_json(evaluate(make_scripted(name), episodes=cfg.eval_episodes, seed=cfg.eval_seed),
+                                out / f"{name}.eval.json"))
+    report = compare(paths, "historical", out / "report")
+    print("\n" + format_table(report))
+    print(f"\nreport: {out / 'report' / 'report.md'}")
     return report
 
 
