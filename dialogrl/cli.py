@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sb3", help="train stable-baselines3 on the dialogue-act env and evaluate it")
     p.add_argument("--algo", default="ppo", choices=["ppo", "dqn"])
-    p.add_argument("--timesteps", type=_count, default=50_000)
+    p.add_argument("--timesteps", type=_count, help="default: configs/sb3.yaml")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path)
 
