@@ -40,6 +40,7 @@ ACTION_ARGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "escalate": ((), ("reason",)),
     "end": ((), ()),
 }
+_ALLOWED = {name: frozenset(required + optional) for name, (required, optional) in ACTION_ARGS.items()}
 CHANGES_STATE = frozenset({"refund", "return", "update_address", "reset_password", "cancel_subscription"})
 MAX_REPLY_CHARS = 2000
 """Longer replies are cut before parsing, so a 100 kB reply costs no more than a long one."""
@@ -63,15 +64,21 @@ class ParseError(ValueError):
 def parse_reply(reply: str) -> tuple[list[ParsedAction | ParseError], str]:
     """Split a reply into its actions (or parse errors, in order) and the text addressed to the customer."""
     reply = reply[:MAX_REPLY_CHARS]
+    if "[" not in reply:  # no action, open or closed
+        return [], " ".join(reply.split())
     found: list[ParsedAction | ParseError] = []
+    outside: list[str] = []  # the text around the actions, each action replaced by a space
+    end = 0
     for match in _BRACKET.finditer(reply):
+        outside.append(reply[end:match.start()])
+        end = match.end()
         raw = match.group(0)
         if match.group(1) is None:
             found.append(ParseError(raw, "unclosed '['"))
         else:
             found.append(_parse_one(raw, match.group(1)))
-    text = " ".join(_BRACKET.sub(" ", reply).split())
-    return found, text
+    outside.append(reply[end:])
+    return found, " ".join(" ".join(outside).split())
 
 
 def _parse_one(raw: str, body: str) -> ParsedAction | ParseError:
@@ -89,17 +96,18 @@ def _parse_one(raw: str, body: str) -> ParsedAction | ParseError:
             if body[pos:].strip():
                 return ParseError(raw, f"cannot read arguments '{body[pos:].strip()[:40]}'")
             break
-        value = arg.group(3) if arg.group(3) is not None else arg.group(2)
-        args[arg.group(1)] = value.strip()
+        key, value, quoted = arg.groups()
+        args[key] = (value if quoted is None else quoted).strip()
         pos = arg.end()
     required, optional = ACTION_ARGS[name]
-    missing = [k for k in required if not args.get(k)]
-    if missing:
-        return ParseError(raw, f"'{name}' needs {', '.join(missing)}")
-    unknown = [k for k in args if k not in required + optional]
-    if unknown:
+    for key in required:  # plain checks first: the error lists are built only for a bad action
+        if not args.get(key):
+            missing = [k for k in required if not args.get(k)]
+            return ParseError(raw, f"'{name}' needs {', '.join(missing)}")
+    if not args.keys() <= _ALLOWED[name]:
+        unknown = [k for k in args if k not in required + optional]
         return ParseError(raw, f"'{name}' takes no argument '{unknown[0]}'")
-    return ParsedAction(name=name, args=args, raw=raw)
+    return ParsedAction(name, args, raw)
 
 
 def format_action(action: str, **args: str) -> str:

@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
-import numpy as np
 from gymnasium import spaces
 
 from dialogrl.types import ActionResult, DialogRLError, Message, ParsedAction, Transition
 
 from .actions import MAX_ACTIONS, MAX_REPLY_CHARS, ParseError, parse_reply
 from .database import REFUND_WINDOW_DAYS, RETURN_WINDOW_DAYS
+from .rng import EpisodeRandom, weighted_index
 from .scenario import SPLITS, Scenario, builtin_scenarios, load_scenario, sample_world
 from .simulator import SimulatedCustomer, customer_config
 
 CHARSET = "".join(chr(i) for i in range(32, 127)) + "\n"
 _TO_CHARSET = {i: "?" for i in range(32) if i != 10} | {127: "?"}
+_OUTSIDE_CHARSET = re.compile(r"[^\n\x20-\x7e]")
 SYSTEM_PROMPT = (
     "You are a support agent of an online shop. Act with [action key=value] in your reply. Actions: "
     "verify email zip | lookup_order order | refund order | return order | update_address order address | "
@@ -32,6 +34,8 @@ ROLE_NAMES = {"user": "customer", "assistant": "agent", "tool": "tool"}
 
 def sanitize(text: str) -> str:
     """Map any text into the observation charset (printable ASCII and newline)."""
+    if _OUTSIDE_CHARSET.search(text) is None:  # the usual case: nothing to map
+        return text
     return text.encode("ascii", "replace").decode("ascii").translate(_TO_CHARSET)
 
 
@@ -107,20 +111,22 @@ class CustomerServiceEnv(gym.Env[str, str]):
         self.observation_space = spaces.Text(max_length=obs_chars, min_length=0, charset=CHARSET)
         self.action_space = spaces.Text(max_length=MAX_REPLY_CHARS, min_length=0, charset=CHARSET)
         self.messages: list[Message] = []
+        self._obs_text, self._obs_seen = "", 0
 
     # --- gym API ---------------------------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
         super().reset(seed=seed)
         # Mix the split into the draw: the same seed must not give the same world relabelled in both splits.
-        rng = np.random.default_rng([int(self.np_random.integers(2**63)), SPLITS.index(self.split)])
+        # EpisodeRandom: the draws of np.random.default_rng(same seed), several times cheaper per call.
+        rng = EpisodeRandom([int(self.np_random.integers(2**63)), SPLITS.index(self.split)])
         self.scenario: Scenario = self.scenarios[int(rng.integers(len(self.scenarios)))]
         names = list(self.persona_mix)
-        weights = np.asarray([self.persona_mix[n] for n in names], dtype=float)
-        persona = customer_config()["personas"][names[int(rng.choice(len(names), p=weights / weights.sum()))]]
+        persona = customer_config()["personas"][names[weighted_index(rng, tuple(self.persona_mix.values()))]]
         self.db, self.goal, me = sample_world(rng, self.scenario, self.split)
         self.customer = SimulatedCustomer(rng, self.scenario, self.goal, persona, self.split)
         self.messages = [{"role": "system", "content": SYSTEM_PROMPT},
                          {"role": "user", "content": self.customer.opening()}]
+        self._obs_text, self._obs_seen = "", 0  # the observation text, extended as messages are added
         self.turn, self.done, self.informed = 0, False, False
         self.violations: list[str] = []
         self.invalid_actions = 0
@@ -140,16 +146,21 @@ class CustomerServiceEnv(gym.Env[str, str]):
             raise DialogRLError("the episode is over: call reset() before step()")
         reply = action if isinstance(action, str) else str(action)
         reply = reply[:MAX_REPLY_CHARS]
-        results = self._run_actions(reply)
-        _, text = parse_reply(reply)
+        parsed, text = parse_reply(reply)
+        results = self._run_actions(parsed)
         self.messages.append({"role": "assistant", "content": reply})
         self.messages += [{"role": "tool", "content": r.message} for r in results]
-        ended = any(r.ok and r.action.name in ("end", "escalate") for r in results)
-        informed_now = not self.informed and self._tells_outcome(text)
+        progressed = ended = False  # a valid tool action ran / the agent ended the conversation
+        for r in results:
+            if r.ok:
+                progressed = True
+                ended = ended or r.action.name in ("end", "escalate")
+        # Only actions change the database, and they have all run: compare with the goal once.
+        goal_state = self.db.state() == self.goal.expected_state
+        informed_now = not self.informed and self._tells_outcome(text, goal_state)
         self.informed |= informed_now
         customer_reply = None
         if not ended:
-            progressed = any(r.ok for r in results)
             customer_reply = self.customer.respond(text, progressed, informed_now)
             if customer_reply is not None:
                 self.messages.append({"role": "user", "content": customer_reply})
@@ -157,7 +168,7 @@ class CustomerServiceEnv(gym.Env[str, str]):
         terminated = ended or self.customer.left
         truncated = not terminated and self.turn >= self.max_turns
         self.done = terminated or truncated
-        success = self._judge()
+        success = self._judge(goal_state)
         transition = Transition(
             messages=self.messages, reply=reply, actions=results, scenario=self.scenario_info, turn=self.turn - 1,
             terminated=terminated, truncated=truncated, success=success if self.done else None,
@@ -167,8 +178,9 @@ class CustomerServiceEnv(gym.Env[str, str]):
         )
         reward, components = self.reward_fn(transition)
         self.episode_return += reward
+        sums = self.component_sums
         for name, value in components.items():
-            self.component_sums[name] = self.component_sums.get(name, 0.0) + value
+            sums[name] = sums.get(name, 0.0) + value
         return self._observation(), float(reward), terminated, truncated, self._info(components, success, results)
 
     def render(self) -> str | None:
@@ -177,8 +189,7 @@ class CustomerServiceEnv(gym.Env[str, str]):
         return None
 
     # --- internals -------------------------------------------------------------------------------------------
-    def _run_actions(self, reply: str) -> list[ActionResult]:
-        parsed, _ = parse_reply(reply)
+    def _run_actions(self, parsed: list[ParsedAction | ParseError]) -> list[ActionResult]:
         results: list[ActionResult] = []
         for i, item in enumerate(parsed):
             if isinstance(item, ParseError):
@@ -199,9 +210,9 @@ class CustomerServiceEnv(gym.Env[str, str]):
             results.append(result)
         return results
 
-    def _tells_outcome(self, text: str) -> bool:
-        """The reply states every fact the customer must hear, after the goal state was reached."""
-        if not self.goal.inform or self.db.state() != self.goal.expected_state:
+    def _tells_outcome(self, text: str, goal_state: bool) -> bool:
+        """The reply states every fact the customer must hear, after the goal state was reached (``goal_state``)."""
+        if not self.goal.inform or not goal_state:
             return False
         if self.scenario.resolution == "none":  # read-only intents: the fact must come from a lookup, not a guess
             target = self.goal.slots.get("order") or self.goal.slots.get("product", "")
@@ -210,17 +221,23 @@ class CustomerServiceEnv(gym.Env[str, str]):
         lower = text.lower()
         return all(fact.lower() in lower for fact in self.goal.inform)
 
-    def _judge(self) -> bool:
-        return (not self.violations and self.db.state() == self.goal.expected_state
-                and (self.informed or not self.goal.inform))
+    def _judge(self, goal_state: bool) -> bool:
+        return not self.violations and goal_state and (self.informed or not self.goal.inform)
 
     def _observation(self) -> str:
-        text = "\n".join(f"{ROLE_NAMES[m['role']]}: {m['content']}" for m in self.messages if m["role"] != "system")
-        return sanitize(text[-self.obs_chars:])
+        # Messages are only appended, so only the new ones are rendered. Sanitizing maps character to
+        # character, hence sanitize(all)[-n:] == sanitize(all[-n:]).
+        lines = [f"{ROLE_NAMES[m['role']]}: {m['content']}" for m in self.messages[self._obs_seen:]
+                 if m["role"] != "system"]
+        if lines:
+            new = sanitize("\n".join(lines))
+            self._obs_text = f"{self._obs_text}\n{new}" if self._obs_text else new
+        self._obs_seen = len(self.messages)
+        return self._obs_text[-self.obs_chars:]
 
     def _info(self, components: dict[str, float], success: bool, results: list[ActionResult] = ()) -> dict[str, Any]:
         info: dict[str, Any] = {
-            "messages": [dict(m) for m in self.messages],
+            "messages": [m.copy() for m in self.messages],  # the caller's copies: the env's stay intact
             "success": bool(success),
             "violations": list(self.violations),
             "invalid_actions": self.invalid_actions,

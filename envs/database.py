@@ -7,7 +7,8 @@ refused with a tool error and reported as a violation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import Any
 
 from dialogrl.types import ActionResult, ParsedAction
 
@@ -84,6 +85,13 @@ def address_rule(order: Order) -> tuple[bool, str]:
 ORDER_RULES = {"refund": refund_rule, "return": return_rule, "update_address": address_rule}
 
 
+def _copy(record: Any) -> Any:
+    """A shallow copy of a plain dataclass record: every field, several times faster than ``replace``."""
+    new = object.__new__(type(record))
+    new.__dict__.update(record.__dict__)
+    return new
+
+
 def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
@@ -99,9 +107,12 @@ class Database:
 
     def clone(self) -> Database:
         """A copy whose mutable records can change independently (products are immutable)."""
+        orders = {k: _copy(v) for k, v in self.orders.items()}
+        for order in orders.values():
+            order.items = list(order.items)
         return Database(
-            customers={k: replace(v) for k, v in self.customers.items()},
-            orders={k: replace(v, items=list(v.items)) for k, v in self.orders.items()},
+            customers={k: _copy(v) for k, v in self.customers.items()},
+            orders=orders,
             products=self.products,
             verified=self.verified,
             escalated=self.escalated,
@@ -109,9 +120,9 @@ class Database:
 
     def state(self) -> tuple:
         """Everything an action can change; success compares this with the goal's expected state."""
-        return (
-            tuple((o.id, o.status, o.address, o.refunded, o.returned) for o in self.orders.values()),
-            tuple((c.id, c.locked, c.subscription, c.reset_sent) for c in self.customers.values()),
+        return (  # tuple([...]): a list comprehension is faster than a generator here
+            tuple([(o.id, o.status, o.address, o.refunded, o.returned) for o in self.orders.values()]),
+            tuple([(c.id, c.locked, c.subscription, c.reset_sent) for c in self.customers.values()]),
             self.escalated,
         )
 

@@ -7,6 +7,7 @@ policies and the dialogue-act environment both use it: an act is turned into rep
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dialogrl.types import Message
@@ -121,27 +122,34 @@ def outcome_text(state: DialogueState) -> str:
     return "I have looked into your request."
 
 
+def _order_or_unknown(state: DialogueState) -> str:
+    return state.order or "unknown"
+
+
+# One renderer per act, so a reply renders only its own act.
+_RENDER: dict[str, Callable[[DialogueState], str]] = {
+    "greet": lambda s: "Hello! How can I help you today?",
+    "ask_identity": lambda s: "To verify your identity, could you give me your "
+    + ("zip code?" if s.email else "email?" if s.zip else "email and zip code?"),
+    "ask_order": lambda s: "What is your order number?",
+    "ask_address": lambda s: "What new address should the order go to?",
+    "ask_product": lambda s: "Which product are you asking about?",
+    "verify": lambda s: format_action("verify", email=s.email or "unknown", zip=s.zip or "unknown"),
+    "lookup_order": lambda s: format_action("lookup_order", order=_order_or_unknown(s)),
+    "lookup_product": lambda s: format_action("lookup_product", name=s.product or "unknown"),
+    "refund": lambda s: format_action("refund", order=_order_or_unknown(s)),
+    "return": lambda s: format_action("return", order=_order_or_unknown(s)),
+    "update_address": lambda s: format_action("update_address", order=_order_or_unknown(s),
+                                              address=s.address or "unknown"),
+    "reset_password": lambda s: format_action("reset_password"),
+    "cancel_subscription": lambda s: format_action("cancel_subscription"),
+    "inform": lambda s: outcome_text(s) + " Is there anything else I can do for you?",
+    "escalate": lambda s: "This request is outside our policy, so I am handing you to a specialist. "
+    + format_action("escalate", reason="outside policy"),
+    "end": lambda s: "Thank you for contacting us, have a great day! " + format_action("end"),
+}
+
+
 def render_act(act: str, state: DialogueState) -> str:
     """The reply text for one dialogue act, filling slots from the tracked state."""
-    order = state.order or "unknown"
-    texts = {
-        "greet": "Hello! How can I help you today?",
-        "ask_identity": "To verify your identity, could you give me your "
-        + ("zip code?" if state.email else "email?" if state.zip else "email and zip code?"),
-        "ask_order": "What is your order number?",
-        "ask_address": "What new address should the order go to?",
-        "ask_product": "Which product are you asking about?",
-        "verify": format_action("verify", email=state.email or "unknown", zip=state.zip or "unknown"),
-        "lookup_order": format_action("lookup_order", order=order),
-        "lookup_product": format_action("lookup_product", name=state.product or "unknown"),
-        "refund": format_action("refund", order=order),
-        "return": format_action("return", order=order),
-        "update_address": format_action("update_address", order=order, address=state.address or "unknown"),
-        "reset_password": format_action("reset_password"),
-        "cancel_subscription": format_action("cancel_subscription"),
-        "inform": outcome_text(state) + " Is there anything else I can do for you?",
-        "escalate": "This request is outside our policy, so I am handing you to a specialist. "
-        + format_action("escalate", reason="outside policy"),
-        "end": "Thank you for contacting us, have a great day! " + format_action("end"),
-    }
-    return texts[act]
+    return _RENDER[act](state)

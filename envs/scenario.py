@@ -12,12 +12,12 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 from dialogrl.types import DialogRLError, ParsedAction
 
 from .database import ORDER_RULES, Customer, Database, Order, Product
+from .rng import Draws, weighted_index
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 TARGETS = ("order", "account", "product")
@@ -47,6 +47,8 @@ PRODUCTS = (
     Product("laptop sleeve", 29.0, 6, True), Product("standing desk", 399.0, 60, False),
 )
 ITEM_NAMES = [p.name for p in PRODUCTS]
+_CATALOGUE = {p.name: p for p in PRODUCTS}
+_ANY_STATUS = {"processing": 1, "shipped": 1, "delivered": 1}
 
 
 @dataclass
@@ -163,37 +165,40 @@ class Goal:
     """For product questions: price, warranty or stock."""
 
 
-def _choice(rng: np.random.Generator, options: list | tuple) -> Any:
-    return options[int(rng.integers(len(options)))]
+def _choice(rng: Draws, options: list | tuple) -> Any:
+    return options[rng.integers(len(options))]  # numpy's int64 indexes a list as well
 
 
-def _weighted(rng: np.random.Generator, weights: dict[str, float]) -> str:
-    names = list(weights)
-    p = np.asarray([weights[n] for n in names], dtype=float)
-    return names[int(rng.choice(len(names), p=p / p.sum()))]
+def _weighted(rng: Draws, weights: dict[str, float]) -> str:
+    return list(weights)[weighted_index(rng, tuple(weights.values()))]
 
 
-def _address(rng: np.random.Generator) -> str:
-    return f"{int(rng.integers(1, 1000))} {_choice(rng, STREETS)} {_choice(rng, STREET_KINDS)}, {_choice(rng, CITIES)}"
+@cache
+def _placeholders(facts: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(name for fact in facts for _, name, _, _ in string.Formatter().parse(fact) if name)
 
 
-def _customer(rng: np.random.Generator, split: str, index: int, taken: set[str]) -> Customer:
+def _address(rng: Draws) -> str:
+    return f"{rng.integers(1, 1000)} {_choice(rng, STREETS)} {_choice(rng, STREET_KINDS)}, {_choice(rng, CITIES)}"
+
+
+def _customer(rng: Draws, split: str, index: int, taken: set[str]) -> Customer:
     while True:
         first, last = _choice(rng, FIRST_NAMES[split]), _choice(rng, LAST_NAMES)
-        email = f"{first.lower()}.{last.lower()}{int(rng.integers(10, 100))}@example.com"
+        email = f"{first.lower()}.{last.lower()}{rng.integers(10, 100)}@example.com"
         if email not in taken:
             taken.add(email)
             break
-    return Customer(id=f"C{index}", name=f"{first} {last}", email=email, zip=f"{int(rng.integers(10000, 100000))}")
+    return Customer(id=f"C{index}", name=f"{first} {last}", email=email, zip=f"{rng.integers(10000, 100000)}")
 
 
-def _order(rng: np.random.Generator, split: str, customer: Customer, spec: dict, taken: set[str]) -> Order:
+def _order(rng: Draws, split: str, customer: Customer, spec: dict, taken: set[str]) -> Order:
     lo, hi = ORDER_ID_RANGE[split]
-    while (oid := f"A{int(rng.integers(lo, hi + 1))}") in taken:
+    while (oid := f"A{rng.integers(lo, hi + 1)}") in taken:  # f-strings print numpy and Python ints alike
         pass
     taken.add(oid)
-    status = _weighted(rng, spec.get("status", {"processing": 1, "shipped": 1, "delivered": 1}))
-    items = sorted({_choice(rng, ITEM_NAMES) for _ in range(int(rng.integers(1, 3)))})
+    status = _weighted(rng, spec.get("status", _ANY_STATUS))
+    items = sorted({_choice(rng, ITEM_NAMES) for _ in range(rng.integers(1, 3))})
     order = Order(id=oid, customer_id=customer.id, status=status, items=items, address=_address(rng),
                   total=round(float(rng.integers(900, 40000)) / 100, 2))
     if status == "delivered":
@@ -203,7 +208,7 @@ def _order(rng: np.random.Generator, split: str, customer: Customer, spec: dict,
     return order
 
 
-def sample_world(rng: np.random.Generator, scenario: Scenario, split: str) -> tuple[Database, Goal, Customer]:
+def sample_world(rng: Draws, scenario: Scenario, split: str) -> tuple[Database, Goal, Customer]:
     """Draw the episode's database and goal; returns (db, goal, the customer in the conversation)."""
     taken: set[str] = set()
     customers = [_customer(rng, split, i, taken) for i in range(3)]
@@ -218,7 +223,7 @@ def sample_world(rng: np.random.Generator, scenario: Scenario, split: str) -> tu
     if target_order is not None:
         orders.insert(int(rng.integers(len(orders) + 1)), target_order)
     db = Database(customers={c.id: c for c in customers}, orders={o.id: o for o in orders},
-                  products={p.name: p for p in PRODUCTS})
+                  products=dict(_CATALOGUE))
 
     slots = {"email": me.email, "zip": me.zip}
     context: dict[str, Any] = {}
@@ -249,8 +254,7 @@ def sample_world(rng: np.random.Generator, scenario: Scenario, split: str) -> tu
         result = ideal.apply(ParsedAction(scenario.resolution, args, ""))
         if not result.ok:
             raise DialogRLError(f"scenario {scenario.source}: resolution cannot succeed ({result.message})")
-    missing = sorted({name for fact in scenario.inform for _, name, _, _ in string.Formatter().parse(fact)
-                      if name and name not in context})
+    missing = sorted(_placeholders(tuple(scenario.inform)) - context.keys())
     if missing:
         raise DialogRLError(f"scenario {scenario.source}: inform placeholder '{{{missing[0]}}}' has no value "
                             f"for target '{scenario.target}'")

@@ -14,9 +14,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
+from .rng import Draws
 from .scenario import SCENARIO_DIR, Goal, Scenario
 
 # Each slot the agent can ask for, recognised in the agent's text by these keywords.
@@ -56,7 +56,7 @@ def customer_config(path: str = str(SCENARIO_DIR / "_customer.yaml")) -> dict[st
     return data
 
 
-def _garble(rng: np.random.Generator, text: str, rate: float) -> str:
+def _garble(rng: Draws, text: str, rate: float) -> str:
     """Typo noise on template words only, so slot values (ids, emails) stay exact."""
     if rate <= 0:
         return text
@@ -75,7 +75,7 @@ def _garble(rng: np.random.Generator, text: str, rate: float) -> str:
 class SimulatedCustomer:
     """One customer for one episode; every random choice comes from the episode's generator."""
 
-    def __init__(self, rng: np.random.Generator, scenario: Scenario, goal: Goal, persona: Persona, split: str) -> None:
+    def __init__(self, rng: Draws, scenario: Scenario, goal: Goal, persona: Persona, split: str) -> None:
         self.rng, self.scenario, self.goal, self.persona = rng, scenario, goal, persona
         self.phrases: dict[str, Any] = customer_config()["phrases"][split]
         self.split = split

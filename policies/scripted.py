@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from dialogrl.envs.dialogue_acts import ACTS, DialogueState, outcome_text, render_act
+from dialogrl.envs.rng import EpisodeRandom  # the draws of np.random.default_rng, cheaper
 from dialogrl.types import DialogRLError, Message
 
 
@@ -91,7 +90,7 @@ class HistoricalPolicy:
 
     def act(self, messages: list[Message], info: dict[str, Any]) -> str:
         scenario = info["scenario"]
-        rng = np.random.default_rng([self.seed, int(scenario.get("seed") or 0) % 2**32, 7])
+        rng = EpisodeRandom([self.seed, int(scenario.get("seed") or 0) % 2**32, 7])
         e = self.errors
         skip, ignore, forget, ramble = (rng.random() < p for p in
                                         (e.skip_verification, e.ignore_eligibility, e.forget_outcome, e.ramble))
@@ -116,7 +115,7 @@ class RandomPolicy:
         self.seed = seed
 
     def act(self, messages: list[Message], info: dict[str, Any]) -> str:
-        rng = np.random.default_rng([self.seed, int(info["scenario"].get("seed") or 0) % 2**32, len(messages)])
+        rng = EpisodeRandom([self.seed, int(info["scenario"].get("seed") or 0) % 2**32, len(messages)])
         state = DialogueState().update(messages)
         return render_act(ACTS[int(rng.integers(len(ACTS)))], state)
 
@@ -136,7 +135,7 @@ class NoisyPolicy:
         self.seed = seed
 
     def act(self, messages: list[Message], info: dict[str, Any]) -> str:
-        rng = np.random.default_rng([self.seed, int(info["scenario"].get("seed") or 0) % 2**32, len(messages), 3])
+        rng = EpisodeRandom([self.seed, int(info["scenario"].get("seed") or 0) % 2**32, len(messages), 3])
         policy = self.random if rng.random() < self.random_act else self.historical
         return policy.act(messages, info)
 

@@ -12,7 +12,11 @@ from dialogrl.types import Transition
 
 
 def _count_kind(t: Transition, kind: str) -> int:
-    return sum(1 for result in t.actions if result.kind == kind)
+    count = 0
+    for result in t.actions:  # a plain loop: this runs twice every step
+        if result.kind == kind:
+            count += 1
+    return count
 
 
 @register_reward("success")
@@ -59,6 +63,19 @@ _UPSET_WORDS = re.compile(
 )
 _SHOUTING = re.compile(r"!!|\b[A-Z]{4,}\b")
 
+# One scan for all the reply patterns finds nothing in most replies, which then need no separate scans
+# (a match of one pattern is a match of their union, so none is missed).
+_ANY_POLITENESS = re.compile("|".join(f"(?:{p.pattern})" for p in (_GREETING, _COURTESY, _EMPATHY, _RUDE)), re.I)
+# Each re.I pattern also runs case-sensitively on lower-cased text, about twice as fast. For ASCII text the
+# matches are the same: the patterns are all lower case, and re.I adds only non-ASCII case pairs ('ſ' ~ 's').
+_CASED = {p: re.compile(p.pattern) for p in (_GREETING, _COURTESY, _EMPATHY, _RUDE, _UPSET_WORDS, _ANY_POLITENESS)}
+assert all(p.flags & re.I and p.pattern == p.pattern.lower() for p in _CASED)
+
+
+def _search(pattern: re.Pattern[str], text: str, lower: str | None) -> re.Match[str] | None:
+    """``pattern.search(text)``; ``lower`` is ``text.lower()`` when ``text`` is ASCII, else None."""
+    return pattern.search(text) if lower is None else _CASED[pattern].search(lower)
+
 GREETING_SCORE = 0.2
 COURTESY_SCORE = 0.3
 EMPATHY_SCORE = 0.5
@@ -67,7 +84,7 @@ RUDE_PENALTY = 0.5
 
 def customer_sounds_upset(text: str) -> bool:
     """True when a customer message has upset wording, repeated '!' or a shouted (all-caps) word."""
-    return bool(_UPSET_WORDS.search(text) or _SHOUTING.search(text))
+    return bool(_search(_UPSET_WORDS, text, text.lower() if text.isascii() else None) or _SHOUTING.search(text))
 
 
 def _last_customer_message(t: Transition) -> str:
@@ -84,14 +101,18 @@ def politeness(t: Transition) -> float:
     +0.2 for a greeting on the first turn, +0.3 for please/thanks, +0.5 for an apology or empathy when the
     customer's last message sounds upset (unprompted apologies earn nothing), -0.5 per distinct rude phrase.
     """
-    text = _ACTION.sub(" ", t.reply)
+    text = _ACTION.sub(" ", t.reply) if "[" in t.reply else t.reply
+    lower = text.lower() if text.isascii() else None
+    if not _search(_ANY_POLITENESS, text, lower):
+        return 0.0
     score = 0.0
-    if t.turn == 0 and _GREETING.search(text):
+    if t.turn == 0 and _search(_GREETING, text, lower):
         score += GREETING_SCORE
-    if _COURTESY.search(text):
+    if _search(_COURTESY, text, lower):
         score += COURTESY_SCORE
-    if _EMPATHY.search(text) and customer_sounds_upset(_last_customer_message(t)):
+    if _search(_EMPATHY, text, lower) and customer_sounds_upset(_last_customer_message(t)):
         score += EMPATHY_SCORE
-    rude = {match.group(0).lower() for match in _RUDE.finditer(text)}
+    matches = _RUDE.finditer(text) if lower is None else _CASED[_RUDE].finditer(lower)
+    rude = {match.group(0).lower() for match in matches}
     score -= RUDE_PENALTY * len(rude)
     return max(-1.0, min(1.0, score))

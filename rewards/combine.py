@@ -89,13 +89,14 @@ class RewardCombiner:
                 value = comp.fn(t)
             except Exception as exc:
                 raise RewardError(f"reward '{comp.name}' raised {type(exc).__name__}: {exc}") from exc
-            # bool is rejected too, so a predicate returned by mistake (`return t.success`) fails on every turn,
-            # not only on the turns where it happens to be None.
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise RewardError(
-                    f"reward '{comp.name}' returned {type(value).__name__} {value!r:.40}, expected a float"
-                )
-            value = float(value)
+            if type(value) is not float:  # exact floats (the usual case) skip the slower ABC check
+                # bool is rejected too, so a predicate returned by mistake (`return t.success`) fails on every
+                # turn, not only on the turns where it happens to be None.
+                if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                    raise RewardError(
+                        f"reward '{comp.name}' returned {type(value).__name__} {value!r:.40}, expected a float"
+                    )
+                value = float(value)
             if not math.isfinite(value):
                 raise RewardError(f"reward '{comp.name}' returned {value}")
             contributions[comp.name] = comp.weight * value + 0.0  # + 0.0 turns -0.0 into 0.0
