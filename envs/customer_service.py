@@ -222,6 +222,8 @@ class CustomerServiceEnv(gym.Env[str, str]):
         return all(fact.lower() in lower for fact in self.goal.inform)
 
     def _judge(self, goal_state: bool) -> bool:
+        if not self.goal.eligible and self.goal.slots.get("order", "").lower() not in self.looked_up:
+            return False  # an escalation is only right once the agent has seen why: blind escalation is no solve
         return not self.violations and goal_state and (self.informed or not self.goal.inform)
 
     def _observation(self) -> str:

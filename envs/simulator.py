@@ -113,7 +113,12 @@ class SimulatedCustomer:
         if informed:
             self.satisfied = True
             return self._say("thanks")
-        if not agent_text:
+        if not agent_text:  # the agent is working silently: fine while its actions go through
+            if not progressed:
+                self.wasted += 1
+                if self.wasted > self.persona.patience and not self.satisfied:
+                    self.left = True
+                    return self._say("leave")
             return None
         lower = agent_text.lower()
         asked = sorted((m.start(), slot) for slot, pat in REQUEST_PATTERNS.items() if (m := pat.search(lower)))

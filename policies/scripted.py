@@ -97,6 +97,8 @@ class HistoricalPolicy:
         state = DialogueState().update(messages)
         if ramble and state.turns == 0:
             return "Thanks for reaching out! Our systems are a little slow today, so bear with me a moment."
+        if state.last_error and not state.resolved:  # a refused change: hand over rather than retry it
+            return render_act("escalate", state)
         acts = expert_acts(state, scenario, verify=not skip, respect_policy=not ignore)
         if forget and acts == ["inform", "end"]:
             acts = ["end"]
