@@ -67,7 +67,7 @@ def collect(policy: Any, env_fn: Callable[[], gym.Env], seeds: Sequence[int], ba
                                              list(gen.response_ids), float(reward), done))
             if done:
                 ep = info["episode"]
-                replies = [t for t in turns[episode]]
+                replies = turns[episode]
                 episodes[episode] = {
                     "seed": seed, "success": bool(ep["success"]), "return": float(ep["return"]),
                     "turns": int(ep["turns"]), "violations": len(info["violations"]),

@@ -18,10 +18,10 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from dialogrl.agents.versions import package_versions
 from dialogrl.config import config_to_dict, dump_config, load_config
 from dialogrl.data import DEFAULT_SYSTEM_PROMPT, filter_success, load_conversations
 from dialogrl.types import DialogRLError
@@ -135,7 +135,7 @@ def train_sft(config: SFTConfig) -> Path:
             "seed": config.seed,
             "base_model": str(Path(config.model).resolve()),
             "train_files": [str(Path(p).resolve()) for p in config.train_files],
-            "versions": _versions(),
+            "versions": package_versions(),
             "config": config_to_dict(config),
             "metrics": metrics,
         }
@@ -324,16 +324,6 @@ def _step_of(checkpoint: str | None) -> int | None:
         return int(Path(checkpoint).name.rsplit("-", 1)[-1])
     except ValueError:
         return None
-
-
-def _versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {}
-    for package in ("torch", "transformers", "trl", "peft", "dialogrl"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
 
 
 def _replace_dir(tmp: Path, target: Path, overwrite: bool) -> None:

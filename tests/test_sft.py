@@ -69,7 +69,7 @@ def test_train_reload_and_generate(model_dir: Path, tmp_path: Path) -> None:
     run = json.loads((out / "run.json").read_text())
     assert run["method"] == "sft-filtered" and run["seed"] == 3
     assert run["base_model"] == str(model_dir.resolve())
-    assert set(run["versions"]) == {"torch", "transformers", "trl", "peft", "dialogrl"}
+    assert {"torch", "transformers", "trl", "peft", "dialogrl"} <= set(run["versions"])
     metrics = run["metrics"]
     assert metrics["loaded_conversations"] == 12  # 4 of 16 failed and were filtered out
     assert metrics["train_conversations"] + metrics["eval_conversations"] == 12
