@@ -85,9 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="BootstrapConfig overrides")
 
     for name, what in (("sft", "supervised LoRA baseline (TRL SFTTrainer)"), ("ppo", "multi-turn PPO with LoRA"),
+                       ("dpo", "iterative DPO on environment-ranked reply pairs (TRL DPOTrainer)"),
+                       ("reward-model", "train a learned reward model (TRL RewardTrainer)"),
                        ("quickstart", "the main job: base -> logs -> SFT -> filtered SFT -> PPO -> report")):
         p = sub.add_parser(name, help=what)
-        p.add_argument("--config", help=f"YAML config (default: configs/{name}.yaml defaults)")
+        p.add_argument("--config", help=f"YAML config (default: configs/{name.replace('-', '_')}.yaml defaults)")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     sub.choices["quickstart"].add_argument("--seeds", type=_count, help="training seeds per method")
     return parser
@@ -217,6 +219,18 @@ def _cmd_ppo(args: argparse.Namespace) -> None:
     print(f"run directory: {main_ppo(args.config, args.overrides)}")
 
 
+def _cmd_dpo(args: argparse.Namespace) -> None:
+    from dialogrl.agents.dpo import main_dpo
+
+    print(f"run directory: {main_dpo(args.config, args.overrides)}")
+
+
+def _cmd_reward_model(args: argparse.Namespace) -> None:
+    from dialogrl.agents.reward_model_train import main_reward_model
+
+    print(f"run directory: {main_reward_model(args.config, args.overrides)}")
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> None:
     from dialogrl.quickstart import main_quickstart
 
@@ -226,7 +240,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> None:
 
 COMMANDS = {"envs": _cmd_envs, "rewards": _cmd_rewards, "logs": _cmd_logs, "eval": _cmd_eval,
             "compare": _cmd_compare, "sb3": _cmd_sb3, "bootstrap": _cmd_bootstrap, "sft": _cmd_sft,
-            "ppo": _cmd_ppo, "quickstart": _cmd_quickstart}
+            "ppo": _cmd_ppo, "dpo": _cmd_dpo, "reward-model": _cmd_reward_model, "quickstart": _cmd_quickstart}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

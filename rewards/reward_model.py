@@ -18,6 +18,9 @@ Two ways to put one in the environment's reward mix:
       DIALOGRL_REWARD_MODEL=runs/rm                  # one model
       DIALOGRL_REWARD_MODEL=runs/rm1,runs/rm2,runs/rm3  DIALOGRL_REWARD_MODEL_PENALTY=1.0   # an ensemble
 
+  Importing this module also registers that function under the name ``reward_model`` (spec
+  ``reward_model=0.5``).
+
 An ensemble of k models scores ``mean - penalty * std`` over the k scores (population std, ddof 0): replies the
 models disagree on earn less, which makes the learned reward harder to exploit.
 """
@@ -31,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dialogrl.rewards.base import register_reward
 from dialogrl.types import DialogRLError, Message, Transition
 
 ENV_PATHS = "DIALOGRL_REWARD_MODEL"
@@ -201,10 +205,13 @@ class RewardModelReward:
 _FROM_ENV: dict[tuple[str, str], RewardModelReward] = {}
 
 
+@register_reward("reward_model")
 def from_env(t: Transition) -> float:
-    """The reward model(s) named by ``$DIALOGRL_REWARD_MODEL`` (comma-separated run dirs), ensemble penalty
-    ``$DIALOGRL_REWARD_MODEL_PENALTY`` (default 0); for the import-path spec
-    ``dialogrl.rewards.reward_model:from_env``. Models load once per process."""
+    """Learned reward model(s) in $DIALOGRL_REWARD_MODEL (run dirs, comma-separated; ensemble: mean - λ·std).
+
+    λ is ``$DIALOGRL_REWARD_MODEL_PENALTY`` (default 0). Refer to it as ``reward_model`` once this module is
+    imported, or by the import path ``dialogrl.rewards.reward_model:from_env``. Models load once per process.
+    """
     return reward_from_env()(t)
 
 

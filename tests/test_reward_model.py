@@ -1,0 +1,171 @@
+"""Learned reward models: training separates a separable pair set, the run plugs into the environment as a reward
+(instance and import-path forms), the ensemble arithmetic is mean - λ·std, and errors are one clear line."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dialogrl.agents.reward_model_train import (
+    RewardModelConfig,
+    split_pairs,
+    train_reward_model,
+    wilson_interval,
+)
+from dialogrl.evaluation import make_env
+from dialogrl.rewards import list_rewards
+from dialogrl.rewards.reward_model import (
+    ENV_PATHS,
+    ENV_PENALTY,
+    RewardModelReward,
+    RewardModelScorer,
+    ensemble_score,
+    from_env,
+    upto_last_reply,
+)
+from dialogrl.types import DialogRLError, Transition
+
+GOOD = ["Thank you for waiting, happy to help. [end]", "Thanks, glad to help! [end]",
+        "Thank you, have a great day. [end]"]
+BAD = ["That is not my problem, stupid.", "Stupid question, deal with it.", "Not my problem, idiot."]
+
+
+def separable_pairs(count: int, seed: int = 0) -> list[dict]:
+    """Polite closings preferred over rude ones, after varied customer messages."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        order = f"A{rng.randint(10000, 99999)}"
+        prompt = [{"role": "user", "content": rng.choice(["Where is my order", "Refund for", "Status of"])
+                   + f" {order}?"}, {"role": "assistant", "content": f"[lookup_order order={order}]"},
+                  {"role": "tool", "content": f"order {order}: delivered"}, {"role": "user", "content": "Thanks."}]
+        rows.append({"prompt": prompt, "chosen": rng.choice(GOOD), "rejected": rng.choice(BAD), "id": i})
+    return rows
+
+
+class FakeScorer:
+    def __init__(self, value: float) -> None:
+        self.value = value
+        self.seen: list = []
+
+    def score(self, conversations: list) -> list[float]:
+        self.seen.extend(conversations)
+        return [self.value] * len(conversations)
+
+
+def _transition(messages: list[dict]) -> Transition:
+    return Transition(messages=messages, reply=messages[-1]["content"], actions=[], scenario={}, turn=0,
+                      terminated=False, truncated=False, success=None)
+
+
+def test_ensemble_is_mean_minus_lambda_std(tmp_path: Path) -> None:
+    assert ensemble_score([2.5]) == 2.5 and ensemble_score([2.5], penalty=3.0) == 2.5
+    assert math.isclose(ensemble_score([1.0, 2.0, 3.0], penalty=0.5), 2.0 - 0.5 * math.sqrt(2 / 3))
+    assert math.isclose(ensemble_score([1.0, 3.0], penalty=0.0), 2.0)
+
+    dirs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run.json").write_text("{}")
+        dirs.append(tmp_path / name)
+    reward = RewardModelReward(dirs, penalty=1.0)
+    reward._scorers = [FakeScorer(1.0), FakeScorer(3.0)]  # std 1.0, mean 2.0
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello [end]"},
+                {"role": "tool", "content": "conversation ended"}]
+    assert math.isclose(reward(_transition(messages)), 2.0 - 1.0)
+    # The reply is judged in context, without what came after it.
+    assert reward._scorers[0].seen == [messages[:2]]
+    assert reward.__name__ == "reward_model"
+    assert list_rewards()["reward_model"].startswith("Learned reward model")  # the by-name form
+
+
+def test_errors_are_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(DialogRLError, match="no run.json"):
+        RewardModelReward(tmp_path / "missing")
+    with pytest.raises(DialogRLError, match="at least one"):
+        RewardModelReward([])
+    with pytest.raises(DialogRLError, match="penalty"):
+        RewardModelReward(tmp_path, penalty=-1.0)
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "run.json").write_text(json.dumps({"method": "dpo", "base_model": "base"}))
+    with pytest.raises(DialogRLError, match="not a reward model"):
+        RewardModelScorer.from_run_dir(tmp_path / "policy")
+    with pytest.raises(DialogRLError, match="no assistant reply"):
+        upto_last_reply([{"role": "user", "content": "hi"}])
+    monkeypatch.delenv(ENV_PATHS, raising=False)
+    with pytest.raises(DialogRLError, match=ENV_PATHS):
+        from_env(_transition([{"role": "assistant", "content": "hi"}]))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(separable_pairs(1)[0]) + "\n" + json.dumps({"prompt": [], "chosen": "a",
+                                                                         "rejected": "b"}) + "\n")
+    with pytest.raises(DialogRLError, match=f"{bad} row 2"):
+        train_reward_model(RewardModelConfig(model=str(tmp_path), pairs_file=str(bad), collect_episodes=0,
+                                             output_dir=str(tmp_path / "rm")))
+    assert not (tmp_path / "rm").exists()
+
+
+def test_module_imports_no_torch() -> None:
+    code = "import sys, dialogrl.rewards.reward_model; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_split_keeps_groups_apart() -> None:
+    pairs = [{"prompt": [{"role": "user", "content": f"q{i % 7}"}], "chosen": "a", "rejected": "b"}
+             for i in range(28)] + [{"prompt": [], "chosen": "a", "rejected": "b", "scenario_seed": i % 3}
+                                    for i in range(9)]
+    train, held = split_pairs(pairs, 0.25, seed=0)
+    assert len(train) + len(held) == len(pairs) and held and train
+    key = lambda p: p.get("scenario_seed", json.dumps(p["prompt"]))  # noqa: E731
+    assert not {key(p) for p in train} & {key(p) for p in held}
+    assert wilson_interval(0.5, 100) == pytest.approx([0.4038, 0.5962], abs=1e-4)
+
+
+def test_reward_model_learns_separable_pairs_and_scores_in_the_env(
+        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Trained once on the pairs and once with every label flipped, it must be right on held-out pairs both times:
+    # a head that ignored the labels (or got lucky at initialisation) cannot be.
+    runs = {}
+    for flipped in (False, True):
+        rows = separable_pairs(48)
+        if flipped:
+            rows = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in rows]
+        path = tmp_path / f"pairs_{flipped}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs[flipped] = train_reward_model(RewardModelConfig(
+            model=str(tiny_model_dir), pairs_file=str(path), collect_episodes=0,
+            output_dir=str(tmp_path / f"rm_{flipped}"), eval_fraction=0.25, epochs=4, learning_rate=3e-3))
+        run = json.loads((runs[flipped] / "run.json").read_text())
+        assert run["method"] == "reward_model" and run["data"]["eval_pairs"] >= 10
+        assert run["metrics"]["eval_accuracy"] >= 0.85, (flipped, run["metrics"])
+    out = runs[False]
+    held = [json.loads(line) for line in (out / "pairs" / "eval.jsonl").read_text().splitlines()]
+    assert {r["id"] for r in held}.isdisjoint(
+        json.loads(line)["id"] for line in (out / "pairs" / "train.jsonl").read_text().splitlines())
+
+    # As a reward component: an instance, then the import-path form configured by environment variables.
+    reward = RewardModelReward(out)
+    prompt = separable_pairs(1, seed=99)[0]["prompt"]
+    polite, rude = reward.score([prompt + [{"role": "assistant", "content": GOOD[0]}],
+                                 prompt + [{"role": "assistant", "content": BAD[0]}]])
+    assert polite > rude
+    env = make_env("dialogrl/CustomerService-v0", reward=[("success", 1.0), (reward, 0.5)], max_turns=2)
+    env.reset(seed=3)
+    _, total, *_, info = env.step("Thank you, happy to help. [end]")
+    assert set(info["reward_components"]) == {"success", "reward_model"}
+    learned = info["reward_components"]["reward_model"]
+    assert math.isfinite(learned) and math.isclose(total, learned + info["reward_components"]["success"])
+    monkeypatch.setenv(ENV_PATHS, f"{out},{out}")
+    monkeypatch.setenv(ENV_PENALTY, "2.0")
+    env = make_env("dialogrl/CustomerService-v0", reward=["dialogrl.rewards.reward_model:from_env=0.5"],
+                   max_turns=2)
+    env.reset(seed=3)
+    _, total_env, *_, info = env.step("Thank you, happy to help. [end]")
+    # Two copies of one model agree (std 0): the ensemble equals the single model's weighted score.
+    assert math.isclose(total_env, info["reward_components"]["dialogrl.rewards.reward_model:from_env"])
+    assert math.isclose(total_env, learned, rel_tol=1e-5)
