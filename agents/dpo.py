@@ -36,7 +36,7 @@ import numpy as np
 from dialogrl.agents.preferences import collect_pairs, write_pairs
 from dialogrl.config import config_to_dict, dump_config, load_config
 from dialogrl.data import load_preference_pairs
-from dialogrl.evaluation import make_env, scenario_seeds
+from dialogrl.evaluation import checked_env_kwargs, make_env, scenario_seeds
 from dialogrl.types import DialogRLError, Message
 
 
@@ -147,12 +147,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
     if target.exists() and not cfg.overwrite:
         raise DialogRLError(f"output_dir {target} already exists (set overwrite=true to replace it)")
     file_pairs = load_preference_pairs(cfg.preference_file, system_prompt=None) if cfg.preference_file else None
-    env_kwargs: dict[str, Any] = {"split": "train", "max_turns": cfg.max_turns}
-    if cfg.rewards:
-        env_kwargs["reward"] = list(cfg.rewards)
-    if cfg.intents:
-        env_kwargs["intents"] = list(cfg.intents)
-    make_env(cfg.env_id, **env_kwargs).close()  # fail fast on bad ids, intents or rewards
+    env_kwargs = checked_env_kwargs(cfg.env_id, "train", cfg.max_turns, cfg.rewards, cfg.intents)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))

@@ -28,7 +28,7 @@ from torch import nn
 
 from dialogrl.agents.ppo_model import PolicyWithValue, build_policy, forward_samples, prepare_start, save_run
 from dialogrl.agents.rollouts import RolloutBatch, TurnSample, collect
-from dialogrl.evaluation import make_env, scenario_seeds
+from dialogrl.evaluation import checked_env_kwargs, make_env, scenario_seeds
 from dialogrl.types import DialogRLError
 
 
@@ -101,12 +101,7 @@ class PPOConfig:
 
 
 def _env_fn(cfg: PPOConfig, split: str):
-    kwargs: dict[str, Any] = {"split": split, "max_turns": cfg.max_turns}
-    if cfg.rewards:
-        kwargs["reward"] = list(cfg.rewards)
-    if cfg.intents:
-        kwargs["intents"] = list(cfg.intents)
-    make_env(cfg.env_id, **kwargs).close()  # fail fast on bad ids or rewards
+    kwargs = checked_env_kwargs(cfg.env_id, split, cfg.max_turns, cfg.rewards, cfg.intents)
     return lambda: make_env(cfg.env_id, **kwargs)
 
 

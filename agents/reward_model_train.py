@@ -30,7 +30,7 @@ from typing import Any
 from dialogrl.agents.preferences import collect_pairs, write_pairs
 from dialogrl.config import config_to_dict, dump_config, load_config
 from dialogrl.data import load_preference_pairs
-from dialogrl.evaluation import make_env, scenario_seeds
+from dialogrl.evaluation import checked_env_kwargs, make_env, scenario_seeds
 from dialogrl.rewards.reward_model import METHOD, RewardModelScorer, encode_conversation, model_context
 from dialogrl.types import DialogRLError
 
@@ -204,12 +204,7 @@ def _policy(spec: str, seed: int, cache: dict[str, Any]) -> Any:
 
 def collect_env_pairs(cfg: RewardModelConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Environment-ranked pairs from ``cfg``'s behaviour, proposers and continuation (train split)."""
-    kwargs: dict[str, Any] = {"split": "train", "max_turns": cfg.max_turns}
-    if cfg.rewards:
-        kwargs["reward"] = list(cfg.rewards)
-    if cfg.intents:
-        kwargs["intents"] = list(cfg.intents)
-    make_env(cfg.env_id, **kwargs).close()
+    kwargs = checked_env_kwargs(cfg.env_id, "train", cfg.max_turns, cfg.rewards, cfg.intents)
     cache: dict[str, Any] = {}
     behaviour = _policy(cfg.behaviour, cfg.seed, cache)
     proposers = [_policy(p, cfg.seed + 1 + i, cache) for i, p in enumerate(cfg.proposers)]
