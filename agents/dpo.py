@@ -27,12 +27,13 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dialogrl.agents.lora import lora_config
 from dialogrl.agents.preferences import collect_pairs, write_pairs
 from dialogrl.config import config_to_dict, dump_config, load_config
 from dialogrl.data import load_preference_pairs
@@ -96,8 +97,8 @@ class DPOConfig:
     """LoRA rank."""
     lora_alpha: int = 32
     """LoRA scaling numerator."""
-    lora_target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
-    """Modules that get LoRA adapters (GPT-2 names by default)."""
+    lora_target_modules: list[str] | str = "all-linear"
+    """Modules that get LoRA adapters: a list of names, or ``all-linear`` (every linear layer but the output head)."""
     max_length: int = 0
     """Tokens per prompt + reply (0: the model's context). Longer prompts lose their oldest turns (system kept)."""
     torch_threads: int = 1
@@ -231,7 +232,7 @@ def _train_round(cfg: DPOConfig, start_dir: Path, tokenizer: Any, rows: list[dic
     continuing from the previous round's adapter weights. Returns it trained (None if no pair fits
     ``max_length``) and the number of pairs it trained on."""
     from datasets import Dataset
-    from peft import LoraConfig, set_peft_model_state_dict
+    from peft import set_peft_model_state_dict
     from transformers import AutoModelForCausalLM, PrinterCallback
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
@@ -254,9 +255,7 @@ def _train_round(cfg: DPOConfig, start_dir: Path, tokenizer: Any, rows: list[dic
         per_device_train_batch_size=cfg.batch_size, max_length=max_length, lr_scheduler_type="constant",
         seed=cfg.seed + round_index, data_seed=cfg.seed + round_index,
     )
-    lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                      target_modules=list(cfg.lora_target_modules),
-                      fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2")  # GPT-2 Conv1D weights
+    lora = lora_config(model, cfg.lora_target_modules, r=cfg.lora_r, alpha=cfg.lora_alpha)
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(data), processing_class=tokenizer,
                          peft_config=lora)
     trainer.remove_callback(PrinterCallback)  # one summary line per round is printed instead of every step

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +70,8 @@ class PPOConfig:
     """LoRA rank."""
     lora_alpha: int = 32
     """LoRA scaling numerator."""
-    lora_target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
-    """Modules that get LoRA adapters (GPT-2 names by default)."""
+    lora_target_modules: list[str] | str = "all-linear"
+    """Modules that get LoRA adapters: a list of names, or ``all-linear`` (every linear layer but the output head)."""
     clip_range: float = 0.2
     """PPO ratio clip."""
     value_clip: float = 0.2

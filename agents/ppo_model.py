@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from dialogrl.agents.lora import lora_config
 from dialogrl.types import DialogRLError
 
 if TYPE_CHECKING:
@@ -136,7 +137,7 @@ def prepare_start(cfg: PPOConfig, out: Path) -> Path:
 
 def build_policy(cfg: PPOConfig, start_dir: Path, checkpoint: Path | None) -> tuple[PolicyWithValue, Any]:
     """The start weights (the KL reference) with a fresh or checkpointed LoRA adapter and a value head."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(start_dir, local_files_only=True)
@@ -147,9 +148,7 @@ def build_policy(cfg: PPOConfig, start_dir: Path, checkpoint: Path | None) -> tu
     if checkpoint is not None:
         policy = PeftModel.from_pretrained(model, checkpoint / "adapter", is_trainable=True)
     else:
-        lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                          target_modules=list(cfg.lora_target_modules),
-                          fan_in_fan_out=model.config.model_type == "gpt2")
+        lora = lora_config(model, cfg.lora_target_modules, r=cfg.lora_r, alpha=cfg.lora_alpha)
         policy = get_peft_model(model, lora)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     module = PolicyWithValue(policy, model.config.hidden_size, pad_id)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dialogrl.agents.lora import lora_config
 from dialogrl.agents.preferences import collect_pairs, write_pairs
 from dialogrl.config import config_to_dict, dump_config, load_config
 from dialogrl.data import load_preference_pairs
@@ -89,8 +90,8 @@ class RewardModelConfig:
     """LoRA rank."""
     lora_alpha: int = 32
     """LoRA scaling numerator."""
-    lora_target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
-    """Modules that get LoRA adapters (GPT-2 names by default); the score head is always trained."""
+    lora_target_modules: list[str] | str = "all-linear"
+    """Modules that get LoRA adapters (names, or ``all-linear``); the score head is always trained."""
     max_length: int = 0
     """Tokens per scored conversation, cut from the left (0: the model's context)."""
     torch_threads: int = 1
@@ -242,7 +243,6 @@ def split_pairs(pairs: list[dict[str, Any]], eval_fraction: float,
 def _train(cfg: RewardModelConfig, base: Path, train: list[dict[str, Any]], held: list[dict[str, Any]],
            tmp: Path) -> tuple[dict[str, Any], int]:
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, PrinterCallback, set_seed
     from transformers.utils import logging as hf_logging
     from trl import RewardConfig, RewardTrainer
@@ -272,9 +272,7 @@ def _train(cfg: RewardModelConfig, base: Path, train: list[dict[str, Any]], held
         per_device_eval_batch_size=cfg.batch_size, eval_strategy="epoch", max_length=None,
         center_rewards_coefficient=cfg.center_rewards_coefficient or None, seed=cfg.seed, data_seed=cfg.seed,
     )
-    lora = LoraConfig(task_type="SEQ_CLS", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                      target_modules=list(cfg.lora_target_modules),
-                      fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2")  # GPT-2 Conv1D weights
+    lora = lora_config(model, cfg.lora_target_modules, r=cfg.lora_r, alpha=cfg.lora_alpha, task_type="SEQ_CLS")
     trainer = RewardTrainer(model=model, args=args, train_dataset=encode(train), eval_dataset=encode(held),
                             processing_class=tokenizer, peft_config=lora)
     trainer.remove_callback(PrinterCallback)

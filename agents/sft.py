@@ -17,10 +17,11 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dialogrl.agents.lora import lora_config
 from dialogrl.agents.versions import package_versions
 from dialogrl.config import config_to_dict, dump_config, load_config
 from dialogrl.data import DEFAULT_SYSTEM_PROMPT, filter_success, load_conversations
@@ -65,8 +66,8 @@ class SFTConfig:
     """LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_r``)."""
     lora_dropout: float = 0.05
     """Dropout on the LoRA branch."""
-    lora_target_modules: list[str] | str = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
-    """Modules that get LoRA adapters (GPT-2 names by default), or ``all-linear``."""
+    lora_target_modules: list[str] | str = "all-linear"
+    """Modules that get LoRA adapters: a list of names, or ``all-linear`` (every linear layer but the output head)."""
     max_length: int = 512
     """Tokens per conversation; longer ones are cut at the end (ones with no assistant token left are dropped)."""
     seed: int = 0
@@ -184,7 +185,6 @@ def _split(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list
 def _train(config: SFTConfig, train_rows: list[dict], eval_rows: list[dict], tmp: Path) -> dict[str, Any]:
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
@@ -228,12 +228,8 @@ def _train(config: SFTConfig, train_rows: list[dict], eval_rows: list[dict], tmp
         logging_steps=config.logging_steps, logging_first_step=True, disable_tqdm=True,
         dataloader_num_workers=0, **eval_kwargs, **_no_checkpointing(TRLSFTConfig),
     )
-    peft_config = LoraConfig(
-        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=config.lora_target_modules, task_type="CAUSAL_LM",
-        # GPT-2 stores its projections as Conv1D (weights transposed); PEFT needs to know
-        fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2",
-    )
+    peft_config = lora_config(model, config.lora_target_modules, r=config.lora_r, alpha=config.lora_alpha,
+                              dropout=config.lora_dropout)
     trainer = SFTTrainer(
         model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
         train_dataset=Dataset.from_list([{"messages": m} for m in train_msgs]),

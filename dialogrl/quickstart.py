@@ -1,4 +1,4 @@
-"""The main job: base model -> historical logs -> SFT -> filtered SFT -> PPO -> held-out evaluation -> report.
+"""The main job: base model -> historical logs -> SFT -> filtered SFT -> PPO, DPO -> held-out evaluation -> report.
 
 Each step writes its output atomically and is skipped when the output already exists, so an interrupted
 quickstart picks up where it stopped. Heavy libraries are imported inside the steps.
@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from dialogrl.types import DialogRLError
+
+METHODS = ("sft", "sft-filtered", "ppo", "dpo")
 
 
 @dataclass
@@ -29,14 +31,16 @@ class QuickstartConfig:
     """Held-out test-split scenarios every method is evaluated on (the same seeds for all)."""
     eval_seed: int = 0
     """Seed of the held-out scenario draw."""
-    methods: list[str] = field(default_factory=lambda: ["sft", "sft-filtered", "ppo"])
-    """Trained methods, in order (ppo starts from the same seed's sft run)."""
+    methods: list[str] = field(default_factory=lambda: ["sft", "sft-filtered", "ppo", "dpo"])
+    """Trained methods, in order (ppo and dpo start from the same seed's sft run)."""
     base: dict[str, Any] = field(default_factory=dict)
     """Overrides of the bootstrap base-model config (BootstrapConfig fields)."""
     sft: list[str] = field(default_factory=list)
     """``key=value`` overrides for both SFT runs."""
     ppo: list[str] = field(default_factory=list)
     """``key=value`` overrides for PPO."""
+    dpo: list[str] = field(default_factory=list)
+    """``key=value`` overrides for DPO."""
     baseline: str = "sft"
     """Method every other one is compared with."""
     scripted_only: bool = False
@@ -49,6 +53,7 @@ def _step(name: str) -> float:
 
 
 def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
+    from dialogrl.agents.dpo import DPOConfig, train_dpo
     from dialogrl.agents.ppo import PPOConfig, evaluate_run, train_ppo
     from dialogrl.agents.sft import SFTConfig, train_sft
     from dialogrl.config import load_config
@@ -67,9 +72,12 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
 
     if cfg.scripted_only:
         return _scripted_only(cfg)
-    unknown = sorted(set(cfg.methods) - {"sft", "sft-filtered", "ppo"})
+    unknown = sorted(set(cfg.methods) - set(METHODS))
     if unknown:
-        raise DialogRLError(f"unknown method '{unknown[0]}' in quickstart; known: sft, sft-filtered, ppo")
+        raise DialogRLError(f"unknown method '{unknown[0]}' in quickstart; known: {', '.join(METHODS)}")
+    for rl in ("ppo", "dpo"):
+        if rl in cfg.methods and cfg.methods.index(rl) < (cfg.methods + ["sft"]).index("sft"):
+            raise DialogRLError(f"{rl} starts from the sft run: put 'sft' before '{rl}' in methods")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -103,12 +111,14 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
                     overrides = [f"model={base_dir}", f"train_file={logs}", f"seed={seed}",
                                  f"output_dir={run_dir}", f"filter_success={method == 'sft-filtered'}", *cfg.sft]
                     train_sft(load_config(SFTConfig, None, overrides))
-                else:
-                    start = out / f"sft-s{seed}"
-                    if not (start / "run.json").exists():
-                        raise DialogRLError("ppo starts from the sft run: keep 'sft' before 'ppo' in methods")
-                    overrides = [f"init_adapter={start}", f"seed={seed}", f"output_dir={run_dir}", *cfg.ppo]
+                elif method == "ppo":
+                    overrides = [f"init_adapter={out / f'sft-s{seed}'}", f"seed={seed}", f"output_dir={run_dir}",
+                                 "eval_episodes=0", *cfg.ppo]
                     train_ppo(load_config(PPOConfig, None, overrides))
+                else:
+                    overrides = [f"init_adapter={out / f'sft-s{seed}'}", f"seed={seed}", f"output_dir={run_dir}",
+                                 "eval_episodes=0", *cfg.dpo]
+                    train_dpo(load_config(DPOConfig, None, overrides))
             if not (run_dir / "eval.json").exists():
                 evaluate_run(run_dir, cfg.eval_episodes, cfg.eval_seed, method=method, training_seed=seed)
             evals += [run_dir / "eval.json", run_dir / "eval_sampled.json"]

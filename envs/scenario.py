@@ -27,11 +27,35 @@ INFORM_FIELDS = frozenset({"status", "total", "order", "address", "product", "an
 TEMPLATE_FIELDS = frozenset({"product", "question"})
 
 # Disjoint per split, so no test customer, e-mail or order id is ever seen in training.
+_TEST_FIRST_NAMES = ("Abigail Bruno Clara Dmitri Elena Farid Gemma Hugo Ingrid Jonas Kira Lucas Mina Nils Opal Pablo "
+                     "Rhea Stefan Talia Ulrich Vivian Walter Yara Zane Astrid Boris Celine Dario Esme Frida").split()
+
+
+def _made_up_names(count: int, exclude: set[str]) -> list[str]:
+    """``count`` pronounceable made-up first names (consonant-vowel syllables), in a fixed order.
+
+    The train split draws from hundreds of names, so a learning agent must copy the customer's name into its
+    actions; with a few dozen it could recall them instead, and fail on the test split's unseen names."""
+    onsets, vowels, codas = "bdfgklmnprstvz", "aeiou", ["", "n", "l", "r", "s"]
+    syllables = [o + v for o in onsets for v in vowels]
+    names = []
+    for i in range(len(syllables) ** 2 * len(codas)):
+        j = (i * 7919) % (len(syllables) ** 2 * len(codas))  # a fixed stride spreads picks over all letters
+        first, rest = divmod(j, len(syllables) * len(codas))
+        second, coda = divmod(rest, len(codas))
+        name = (syllables[first] + syllables[second] + codas[coda]).capitalize()
+        if name.lower() not in exclude and name not in names:
+            names.append(name)
+        if len(names) == count:
+            break
+    return names
+
+
 FIRST_NAMES = {
     "train": "Alice Brian Chloe Daniel Emma Felix Grace Henry Isla Jacob Karen Liam Maya Noah Olivia Peter Quinn "
-    "Rosa Samuel Tara Umar Vera Wesley Xena Yusuf Zoe Aaron Bella Caleb Diana".split(),
-    "test": "Abigail Bruno Clara Dmitri Elena Farid Gemma Hugo Ingrid Jonas Kira Lucas Mina Nils Opal Pablo "
-    "Rhea Stefan Talia Ulrich Vivian Walter Yara Zane Astrid Boris Celine Dario Esme Frida".split(),
+    "Rosa Samuel Tara Umar Vera Wesley Xena Yusuf Zoe Aaron Bella Caleb Diana".split()
+    + _made_up_names(400, {n.lower() for n in _TEST_FIRST_NAMES}),
+    "test": _TEST_FIRST_NAMES,
 }
 LAST_NAMES = ("Smith Jones Patel Garcia Chen Novak Okafor Rossi Silva Kim Murphy Dubois Larsen Haddad Ivanova "
               "Tanaka Moreau Fischer Costa Nguyen").split()

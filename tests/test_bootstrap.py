@@ -40,7 +40,7 @@ def test_saved_directory_is_a_plain_hf_model(tiny_model_dir: Path) -> None:
     assert not [p for p in tiny_model_dir.parent.iterdir() if p.name.startswith(".")]  # no temp dir left
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, local_files_only=True)
     cfg = BootstrapConfig.tiny()
-    assert (model.config.n_layer, model.config.n_embd, model.config.n_positions) == (
+    assert (model.config.num_hidden_layers, model.config.hidden_size, model.config.max_position_embeddings) == (
         cfg.n_layer, cfg.n_embd, cfg.n_positions)
     stats = json.loads((tiny_model_dir / "bootstrap.json").read_text())["stats"]
     assert stats["parameters"] == sum(p.numel() for p in model.parameters())

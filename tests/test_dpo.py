@@ -99,7 +99,7 @@ def sft_adapter(tiny_model_dir: Path, tmp_path: Path) -> Path:
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    lora = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
+    lora = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                       init_lora_weights=False)
     out = tmp_path / "sft_adapter"
     get_peft_model(model, lora).save_pretrained(out)

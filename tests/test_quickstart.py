@@ -1,0 +1,62 @@
+"""The main job end to end on a tiny base model and tiny budgets: every stage runs and the report has every method."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from dialogrl.types import DialogRLError
+
+pytestmark = pytest.mark.slow
+
+
+def _tiny_job(tmp_path: Path, **overrides: object):
+    from dialogrl.policies.bootstrap import BootstrapConfig
+    from dialogrl.quickstart import QuickstartConfig
+
+    cfg = QuickstartConfig(
+        out=str(tmp_path / "qs"), log_episodes=40, eval_episodes=6,
+        base={k: v for k, v in asdict(BootstrapConfig.tiny()).items()},
+        sft=["max_steps=4", "eval_steps=2", "logging_steps=2"],
+        ppo=["iterations=1", "episodes_per_iteration=8", "minibatch_episodes=8", "env_batch=8", "max_turns=3",
+             "max_new_tokens=12"],
+        dpo=["rounds=1", "scenarios_per_round=4", "states_per_episode=1", "candidates=2", "max_turns=3",
+             "max_new_tokens=12", "margin=0.0"])
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def test_quickstart_runs_every_stage_and_reports_every_method(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from dialogrl.quickstart import run_quickstart
+
+    monkeypatch.setenv("DIALOGRL_CACHE", str(tmp_path / "cache"))
+    cfg = _tiny_job(tmp_path)
+    report = run_quickstart(cfg)
+    out = Path(cfg.out)
+    assert set(report["methods"]) == {"sft", "sft-filtered", "ppo", "dpo", "expert", "historical"}
+    for method in ("sft-filtered", "ppo", "dpo"):
+        vs = report["methods"][method]["vs_baseline"]
+        assert vs["shared_scenarios"] == 6 and vs["success_rate"]["low"] <= vs["success_rate"]["high"]
+    for name in ("report.md", "report.json", "report.png"):
+        assert (out / "report" / name).is_file() and (out / "report_sampled" / name).is_file()
+    timings = json.loads((out / "timings.json").read_text())
+    assert {"base", "logs", "sft-s0", "ppo-s0", "dpo-s0", "total"} <= set(timings)
+    assert len(list((tmp_path / "cache").glob("base-*"))) == 1  # the base model went to the cache
+
+    # A second run finds every output and skips the work (resume after an interruption).
+    again = run_quickstart(cfg)
+    assert again["methods"]["ppo"]["success_rate"] == report["methods"]["ppo"]["success_rate"]
+
+
+def test_rl_methods_need_sft_first(tmp_path: Path) -> None:
+    from dialogrl.quickstart import run_quickstart
+
+    with pytest.raises(DialogRLError, match="put 'sft' before 'dpo'"):
+        run_quickstart(_tiny_job(tmp_path, methods=["dpo", "sft"]))
+    with pytest.raises(DialogRLError, match="unknown method 'grpo'"):
+        run_quickstart(_tiny_job(tmp_path, methods=["sft", "grpo"]))
