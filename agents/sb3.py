@@ -148,7 +148,7 @@ class ProgressShaping(gym.Wrapper):
     """Adds ``gamma * phi(s') - phi(s)`` to the reward (Ng et al., 1999), ``phi`` counting the acts env's progress
     flags. Hand-written: SB3 and Gymnasium ship no shaping wrapper. Terminal states keep their potential."""
 
-    FLAGS = ("email", "zip", "order", "address", "product", "verified", "order_facts", "product_facts", "resolved",
+    FLAGS = ("phone", "zip", "order", "address", "product", "verified", "order_facts", "product_facts", "resolved",
              "customer_thanked")
 
     def __init__(self, env: gym.Env, bonus: float, gamma: float) -> None:

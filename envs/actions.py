@@ -9,7 +9,7 @@ is reported as an invalid action, never an exception. The tool set:
 
 | action | arguments | effect |
 |---|---|---|
-| ``verify`` | ``email``, ``zip`` | verifies the customer's identity |
+| ``verify`` | ``phone``, ``zip`` | verifies the customer's identity |
 | ``lookup_order`` | ``order`` | shows an order with its eligibility facts (read-only) |
 | ``refund`` | ``order`` | refunds a delivered order inside the refund window |
 | ``return`` | ``order`` | opens a return inside the return window |
@@ -29,7 +29,7 @@ from dialogrl.types import ParsedAction
 
 ACTION_ARGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # name: (required arguments, optional arguments)
-    "verify": (("email", "zip"), ()),
+    "verify": (("phone", "zip"), ()),
     "lookup_order": (("order",), ()),
     "refund": (("order",), ()),
     "return": (("order",), ()),

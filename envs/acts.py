@@ -12,7 +12,7 @@ from .customer_service import CustomerServiceEnv
 from .dialogue_acts import ACTS, RESOLUTION_ACTS, DialogueState, render_act
 from .scenario import TARGETS
 
-STATE_FLAGS = ("email", "zip", "order", "address", "product", "verified", "order_facts", "product_facts",
+STATE_FLAGS = ("phone", "zip", "order", "address", "product", "verified", "order_facts", "product_facts",
                "resolved", "last_error", "customer_thanked")
 
 
@@ -22,7 +22,7 @@ class CustomerServiceActsEnv(gym.Env[dict[str, np.ndarray], int]):
     ## Action Space
     ``Discrete(16)``: one dialogue act per turn, in ``dialogrl.envs.dialogue_acts.ACTS`` order (greet, ask_identity,
     ask_order, ask_address, ask_product, verify, lookup_order, lookup_product, refund, return, update_address,
-    reset_password, cancel_subscription, inform, escalate, end). Slot values (email, order id, ...) are filled
+    reset_password, cancel_subscription, inform, escalate, end). Slot values (phone, order id, ...) are filled
     from what the customer said, so an act taken too early fails like a bad text action would.
 
     ## Observation

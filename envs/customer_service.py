@@ -23,7 +23,7 @@ _TO_CHARSET = {i: "?" for i in range(32) if i != 10} | {127: "?"}
 _OUTSIDE_CHARSET = re.compile(r"[^\n\x20-\x7e]")
 SYSTEM_PROMPT = (
     "You are a support agent of an online shop. Act with [action key=value] in your reply. Actions: "
-    "verify email zip | lookup_order order | refund order | return order | update_address order address | "
+    "verify phone zip | lookup_order order | refund order | return order | update_address order address | "
     "reset_password | cancel_subscription | lookup_product name | escalate reason | end. "
     "Policy: verify identity before any order or account change; refunds within "
     f"{REFUND_WINDOW_DAYS} days of delivery, returns within {RETURN_WINDOW_DAYS}, address changes before "

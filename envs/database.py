@@ -20,7 +20,7 @@ RETURN_WINDOW_DAYS = 60
 class Customer:
     id: str
     name: str
-    email: str
+    phone: str
     zip: str
     locked: bool = False
     subscription: str | None = None
@@ -144,15 +144,15 @@ class Database:
         return ActionResult(action, False, "error: policy - " + message, "violation")
 
     def _do_verify(self, a: ParsedAction) -> ActionResult:
-        email, zip_code = a.args["email"].lower(), a.args["zip"]
+        phone, zip_code = a.args["phone"], a.args["zip"]
         for c in self.customers.values():
-            if c.email == email and c.zip == zip_code:
+            if c.phone == phone and c.zip == zip_code:
                 self.verified = c.id
                 plan = c.subscription or "none"
                 return self._ok(
                     a, f"verified: yes - customer {c.name}; account locked: {_yes(c.locked)}; subscription: {plan}"
                 )
-        return self._invalid(a, "verified: no - email and zip do not match our records")
+        return self._invalid(a, "verified: no - phone number and zip do not match our records")
 
     def _order(self, a: ParsedAction) -> Order | None:
         return self.orders.get(a.args["order"].upper())

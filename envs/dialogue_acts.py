@@ -24,7 +24,7 @@ ACTS = (
 """The Discrete action set of ``CustomerServiceActs-v0``, by index."""
 RESOLUTION_ACTS = ("refund", "return", "update_address", "reset_password", "cancel_subscription")
 
-EMAIL = re.compile(r"[a-z0-9._]+@[a-z0-9.]+\.[a-z]+")
+PHONE = re.compile(r"(?<![\w-])\d{3}-\d{3}-\d{4}(?![\w-])")
 ZIP = re.compile(r"(?<![\w$.])\d{5}(?!\w|\.\d)")
 ORDER_ID = re.compile(r"\bA\d{5}\b")
 ADDRESS = re.compile(r"\d{1,3} [A-Z][a-z]+ (?:Street|Avenue|Road|Lane|Drive), [A-Z][a-z]+")
@@ -36,7 +36,7 @@ PRODUCT_NAMES = sorted((p.name for p in PRODUCTS), key=len, reverse=True)
 class DialogueState:
     """What the agent has learnt so far; updated message by message."""
 
-    email: str = ""
+    phone: str = ""
     zip: str = ""
     order: str = ""
     address: str = ""
@@ -69,8 +69,8 @@ class DialogueState:
 
     def _read_customer(self, text: str) -> None:
         lower = text.lower()
-        if m := EMAIL.search(lower):
-            self.email = m.group(0).rstrip(".")
+        if m := PHONE.search(text):
+            self.phone = m.group(0)
         if m := ZIP.search(text):
             self.zip = m.group(0)
         if m := ORDER_ID.search(text):
@@ -130,11 +130,11 @@ def _order_or_unknown(state: DialogueState) -> str:
 _RENDER: dict[str, Callable[[DialogueState], str]] = {
     "greet": lambda s: "Hello! How can I help you today?",
     "ask_identity": lambda s: "To verify your identity, could you give me your "
-    + ("zip code?" if s.email else "email?" if s.zip else "email and zip code?"),
+    + ("zip code?" if s.phone else "phone number?" if s.zip else "phone number and zip code?"),
     "ask_order": lambda s: "What is your order number?",
     "ask_address": lambda s: "What new address should the order go to?",
     "ask_product": lambda s: "Which product are you asking about?",
-    "verify": lambda s: format_action("verify", email=s.email or "unknown", zip=s.zip or "unknown"),
+    "verify": lambda s: format_action("verify", phone=s.phone or "unknown", zip=s.zip or "unknown"),
     "lookup_order": lambda s: format_action("lookup_order", order=_order_or_unknown(s)),
     "lookup_product": lambda s: format_action("lookup_product", name=s.product or "unknown"),
     "refund": lambda s: format_action("refund", order=_order_or_unknown(s)),

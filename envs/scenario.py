@@ -26,40 +26,30 @@ SPLITS = ("train", "test")
 INFORM_FIELDS = frozenset({"status", "total", "order", "address", "product", "answer"})
 TEMPLATE_FIELDS = frozenset({"product", "question"})
 
-# Disjoint per split, so no test customer, e-mail or order id is ever seen in training.
-_TEST_FIRST_NAMES = ("Abigail Bruno Clara Dmitri Elena Farid Gemma Hugo Ingrid Jonas Kira Lucas Mina Nils Opal Pablo "
-                     "Rhea Stefan Talia Ulrich Vivian Walter Yara Zane Astrid Boris Celine Dario Esme Frida").split()
-
-
-def _made_up_names(count: int, exclude: set[str]) -> list[str]:
-    """``count`` pronounceable made-up first names (consonant-vowel syllables), in a fixed order.
-
-    The train split draws from hundreds of names, so a learning agent must copy the customer's name into its
-    actions; with a few dozen it could recall them instead, and fail on the test split's unseen names."""
+def _made_up_names(count: int) -> list[str]:
+    """``count`` distinct pronounceable made-up first names (consonant-vowel syllables), in a fixed order."""
     onsets, vowels, codas = "bdfgklmnprstvz", "aeiou", ["", "n", "l", "r", "s"]
     syllables = [o + v for o in onsets for v in vowels]
-    names = []
-    for i in range(len(syllables) ** 2 * len(codas)):
-        j = (i * 7919) % (len(syllables) ** 2 * len(codas))  # a fixed stride spreads picks over all letters
-        first, rest = divmod(j, len(syllables) * len(codas))
+    total = len(syllables) ** 2 * len(codas)
+    names: list[str] = []
+    for i in range(total):
+        first, rest = divmod((i * 7919) % total, len(syllables) * len(codas))  # a fixed stride spreads the letters
         second, coda = divmod(rest, len(codas))
-        name = (syllables[first] + syllables[second] + codas[coda]).capitalize()
-        if name.lower() not in exclude and name not in names:
-            names.append(name)
+        names.append((syllables[first] + syllables[second] + codas[coda]).capitalize())
         if len(names) == count:
             break
     return names
 
 
-FIRST_NAMES = {
-    "train": "Alice Brian Chloe Daniel Emma Felix Grace Henry Isla Jacob Karen Liam Maya Noah Olivia Peter Quinn "
-    "Rosa Samuel Tara Umar Vera Wesley Xena Yusuf Zoe Aaron Bella Caleb Diana".split()
-    + _made_up_names(400, {n.lower() for n in _TEST_FIRST_NAMES}),
-    "test": _TEST_FIRST_NAMES,
-}
+# Disjoint per split, so no test customer, phone number or order id is ever seen in training. Names come from one
+# generator, every eighth to the test split: test customers are new people whose names are spelled with the same
+# syllables, and hundreds of training names mean an agent must copy a customer's name, not recall one.
+_NAMES = _made_up_names(480)
+FIRST_NAMES = {"train": [n for i, n in enumerate(_NAMES) if i % 8], "test": _NAMES[::8]}
 LAST_NAMES = ("Smith Jones Patel Garcia Chen Novak Okafor Rossi Silva Kim Murphy Dubois Larsen Haddad Ivanova "
               "Tanaka Moreau Fischer Costa Nguyen").split()
 ORDER_ID_RANGE = {"train": (10000, 54999), "test": (55000, 99999)}
+AREA_CODE_RANGE = {"train": (200, 549), "test": (550, 989)}  # phone numbers: ###-###-####
 STREETS = "Oak Maple Cedar Pine Elm Birch Willow Hill Lake River Park Mill".split()
 STREET_KINDS = "Street Avenue Road Lane Drive".split()
 CITIES = "Springfield Riverton Lakeside Fairview Ashford Brookhaven Clifton Dover".split()
@@ -184,7 +174,7 @@ class Goal:
     inform: list[str]
     """Facts the customer must be told after the resolution (empty when escalation is correct)."""
     slots: dict[str, str]
-    """What the customer knows and can tell: email, zip, and order / address / product when relevant."""
+    """What the customer knows and can tell: phone, zip, and order / address / product when relevant."""
     question: str = ""
     """For product questions: price, warranty or stock."""
 
@@ -209,11 +199,12 @@ def _address(rng: Draws) -> str:
 def _customer(rng: Draws, split: str, index: int, taken: set[str]) -> Customer:
     while True:
         first, last = _choice(rng, FIRST_NAMES[split]), _choice(rng, LAST_NAMES)
-        email = f"{first.lower()}.{last.lower()}{rng.integers(10, 100)}@example.com"
-        if email not in taken:
-            taken.add(email)
+        lo, hi = AREA_CODE_RANGE[split]
+        phone = f"{rng.integers(lo, hi + 1)}-{rng.integers(200, 1000)}-{rng.integers(0, 10000):04d}"
+        if phone not in taken:
+            taken.add(phone)
             break
-    return Customer(id=f"C{index}", name=f"{first} {last}", email=email, zip=f"{rng.integers(10000, 100000)}")
+    return Customer(id=f"C{index}", name=f"{first} {last}", phone=phone, zip=f"{rng.integers(10000, 100000)}")
 
 
 def _order(rng: Draws, split: str, customer: Customer, spec: dict, taken: set[str]) -> Order:
@@ -249,7 +240,7 @@ def sample_world(rng: Draws, scenario: Scenario, split: str) -> tuple[Database, 
     db = Database(customers={c.id: c for c in customers}, orders={o.id: o for o in orders},
                   products=dict(_CATALOGUE))
 
-    slots = {"email": me.email, "zip": me.zip}
+    slots = {"phone": me.phone, "zip": me.zip}
     context: dict[str, Any] = {}
     question = ""
     if target_order is not None:

@@ -1,6 +1,6 @@
 """A seeded, agenda-based simulated customer.
 
-The customer knows a few slots (email, zip, order number, new address, product). It opens with its need,
+The customer knows a few slots (phone number, zip, order number, new address, product). It opens with its need,
 answers what the agent asks for (recognised by keywords), thanks the agent once told the outcome, and leaves
 after more wasted agent turns than its persona's patience allows. Phrasing comes from ``_customer.yaml``, with
 disjoint train and test templates.
@@ -21,7 +21,7 @@ from .scenario import SCENARIO_DIR, Goal, Scenario
 
 # Each slot the agent can ask for, recognised in the agent's text by these keywords.
 REQUEST_PATTERNS = {
-    "email": re.compile(r"e-?mail"),
+    "phone": re.compile(r"phone|telephone|mobile"),
     "zip": re.compile(r"\bzip|postal|post ?code"),
     "order": re.compile(r"order (?:number|id|#|no\b)|which order"),
     "address": re.compile(r"new address|which address|what address|address should"),
@@ -57,7 +57,7 @@ def customer_config(path: str = str(SCENARIO_DIR / "_customer.yaml")) -> dict[st
 
 
 def _garble(rng: Draws, text: str, rate: float) -> str:
-    """Typo noise on template words only, so slot values (ids, emails) stay exact."""
+    """Typo noise on template words only, so slot values (ids, phone numbers) stay exact."""
     if rate <= 0:
         return text
     words = text.split(" ")

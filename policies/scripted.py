@@ -25,7 +25,7 @@ def expert_acts(state: DialogueState, scenario: dict[str, Any], verify: bool = T
     if target == "order" and not state.order:
         asks.append("ask_order")
     needs_identity = verify and resolution != "none" and scenario["requires_verification"]
-    if needs_identity and not state.verified and not (state.email and state.zip):
+    if needs_identity and not state.verified and not (state.phone and state.zip):
         asks.append("ask_identity")
     if target == "product" and not state.product:
         asks.append("ask_product")

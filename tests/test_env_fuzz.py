@@ -42,23 +42,23 @@ TEXT_REPLIES = st.one_of(
 WRONG_ID = st.integers(min_value=0, max_value=10**7).map(lambda n: f"A{n}") | st.text(max_size=8).map(
     lambda s: s.replace(" ", "_") or "x")
 ZIP = st.integers(min_value=0, max_value=99_999).map(lambda n: f"{n:05d}")
-EMAIL = st.builds(lambda user, host: f"{user}@{host}.com", st.text("abc.xyz_09", min_size=1, max_size=12),
-                  st.sampled_from(["example", "mail", "x"]))
+PHONE = st.builds(lambda a, b, c: f"{a}-{b}-{c:04d}", st.integers(0, 999), st.integers(0, 999), st.integers(0, 9999)) | \
+    st.text("0123456789-", min_size=1, max_size=14)
 VALID_LOOKING = st.builds(
-    lambda name, ident, email, zip_code: {
-        "verify": f"[verify email={email} zip={zip_code}]", "lookup_order": f"[lookup_order order={ident}]",
+    lambda name, ident, phone, zip_code: {
+        "verify": f"[verify phone={phone} zip={zip_code}]", "lookup_order": f"[lookup_order order={ident}]",
         "refund": f"[refund order={ident}]", "return": f"[return order={ident}]",
         "update_address": f'[update_address order={ident} address="1 Oak Street, Dover"]',
         "lookup_product": f'[lookup_product name="{ident}"]', "escalate": f"[escalate reason={ident}]",
     }.get(name, f"[{name}]"),
-    st.sampled_from(sorted(ACTION_ARGS)), WRONG_ID, EMAIL, ZIP,
+    st.sampled_from(sorted(ACTION_ARGS)), WRONG_ID, PHONE, ZIP,
 )
 FRAGMENTS = st.sampled_from([
-    "[", "]", "[[", "]]", "]]][", "[refund order=", "[verify email= zip=]", "[verify email=a@b.c zip=]",
-    '[verify email="a b" zip="1', "[end", "[end]", "[escalate]", "[ end ]", "[END]", "[refund]",
+    "[", "]", "[[", "]]", "]]][", "[refund order=", "[verify phone= zip=]", "[verify phone=555-1 zip=]",
+    '[verify phone="a b" zip="1', "[end", "[end]", "[escalate]", "[ end ]", "[END]", "[refund]",
     "[refund order=A1 order=A2]", "[refund foo=bar]", "[lookup_product name=]", '[lookup_product name=""]',
     "[reset_password now=yes]", "[cancel_subscription]", "[]", "[ ]", "[=]", "[refund order==A1]", "=", '"',
-    " ", "\n", "\t", "\x00", "order=", "email=", "A55555", "\u202e", "\U0001f4a5", "\u00e9", "{", "}", "{order}",
+    " ", "\n", "\t", "\x00", "order=", "phone=", "A55555", "\u202e", "\U0001f4a5", "\u00e9", "{", "}", "{order}",
     "%s", "\\", "[lookup_order order=A5555\u0665]", "[lookup_order order=\uff21\uff15]",
 ])
 BROKEN_SYNTAX = st.lists(st.one_of(FRAGMENTS, VALID_LOOKING, st.text(max_size=6)), max_size=16).map("".join)
@@ -112,18 +112,18 @@ def test_broken_action_syntax_is_a_valid_step(env: gym.Env, seed: int, reply: st
 @given(seed=SEEDS, data=st.data())
 def test_multi_turn_fuzz_with_real_ids(env: gym.Env, seed: int, data: st.DataObject) -> None:
     """Several turns per episode, mixing junk with actions on the episode's real ids (other customers'
-    orders, the right email with a wrong zip...), so policy checks and tool errors are reached."""
+    orders, the right phone with a wrong zip...), so policy checks and tool errors are reached."""
     _, info = env.reset(seed=seed)
     db = env.unwrapped.db
     real = st.sampled_from(sorted(db.orders))
-    emails = st.sampled_from(sorted(c.email for c in db.customers.values()))
+    phones = st.sampled_from(sorted(c.phone for c in db.customers.values()))
     zips = st.sampled_from(sorted(c.zip for c in db.customers.values())) | ZIP
     actions = st.one_of(
         st.builds(lambda a, o: f"[{a} order={o}]", st.sampled_from(["lookup_order", "refund", "return"]), real),
         st.builds(lambda o: f'[update_address order={o} address="12 Elm Road, Dover"]', real),
-        st.builds(lambda e, z: f"[verify email={e} zip={z}]", emails, zips),
+        st.builds(lambda p, z: f"[verify phone={p} zip={z}]", phones, zips),
         st.sampled_from(["[reset_password]", "[cancel_subscription]", "[lookup_product name=webcam]", "[end]",
-                         "[escalate]", "What is your order number and email?"]),
+                         "[escalate]", "What is your order number and phone number?"]),
         FRAGMENTS, VALID_LOOKING,
     )
     replies = data.draw(st.lists(st.lists(actions, min_size=1, max_size=4).map(" ".join), min_size=1, max_size=5))

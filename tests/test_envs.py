@@ -195,7 +195,7 @@ def test_callable_reward_is_its_own_component(monkeypatch: pytest.MonkeyPatch) -
     mod = custom_rewards(monkeypatch)
     env = gym.make("dialogrl/CustomerService-v0", reward=[("success", 1.0), (mod.brevity, 0.1)])
     _, info = env.reset(seed=0)
-    reply = "Could you give me your email and zip code?"
+    reply = "Could you give me your phone number and zip code?"
     _, reward, *_, info = env.step(reply)
     assert set(info["reward_components"]) == {"success", "brevity"}
     assert info["reward_components"]["brevity"] == pytest.approx(-0.1 * len(reply) / 100)

@@ -18,7 +18,7 @@ from dialogrl.envs.simulator import customer_config
 from dialogrl.policies.scripted import ExpertPolicy, RandomPolicy
 
 EPISODES = 300
-EMAIL = re.compile(r"[a-z0-9._]+@[a-z0-9.]+\.[a-z]+")
+PHONE = re.compile(r"\b\d{3}-\d{3}-\d{4}\b")
 ORDER_ID = re.compile(r"\bA\d{5}\b")
 VERIFIED_NAME = re.compile(r"customer ([A-Z][a-z]+ [A-Z][a-z]+)")
 
@@ -28,10 +28,10 @@ class Seen:
     """What the episodes of one split showed."""
 
     names: set[str] = field(default_factory=set)
-    emails: set[str] = field(default_factory=set)
+    phones: set[str] = field(default_factory=set)
     orders: set[str] = field(default_factory=set)
     transcript_names: set[str] = field(default_factory=set)
-    transcript_emails: set[str] = field(default_factory=set)
+    transcript_phones: set[str] = field(default_factory=set)
     transcript_orders: set[str] = field(default_factory=set)
     customer_lines: list[str] = field(default_factory=list)
     text: str = ""
@@ -50,7 +50,7 @@ def seen() -> dict[str, Seen]:
             policy = ExpertPolicy() if seed % 2 == 0 else RandomPolicy(seed=1)
             _, info = env.reset(seed=seed)
             s.names |= {c.name for c in env.db.customers.values()}
-            s.emails |= {c.email for c in env.db.customers.values()}
+            s.phones |= {c.phone for c in env.db.customers.values()}
             s.orders |= set(env.db.orders)
             done = False
             while not done:
@@ -63,7 +63,7 @@ def seen() -> dict[str, Seen]:
                 if m["role"] == "tool":
                     s.transcript_names |= set(VERIFIED_NAME.findall(m["content"]))
         s.text = "\n".join(texts)
-        s.transcript_emails = set(EMAIL.findall(s.text.lower()))
+        s.transcript_phones = set(PHONE.findall(s.text))
         s.transcript_orders = set(ORDER_ID.findall(s.text))
         out[split] = s
     return out
@@ -71,7 +71,7 @@ def seen() -> dict[str, Seen]:
 
 def test_databases_share_no_customer_or_order(seen: dict[str, Seen]) -> None:
     train, test = seen["train"], seen["test"]
-    for attr in ("names", "emails", "orders"):
+    for attr in ("names", "phones", "orders"):
         a, b = getattr(train, attr), getattr(test, attr)
         assert len(a) > 300 and len(b) > 300, attr  # many distinct values were drawn
         assert not a & b, f"{attr} in both splits: {sorted(a & b)[:5]}"
@@ -84,10 +84,10 @@ def test_transcripts_share_no_customer_or_order(seen: dict[str, Seen]) -> None:
         mine, theirs = seen[split], seen[other]
         # What the conversations show comes from this split's databases ...
         assert len(mine.transcript_names) > 50 and mine.transcript_names <= mine.names
-        assert len(mine.transcript_emails) > 50 and mine.transcript_emails <= mine.emails
+        assert len(mine.transcript_phones) > 50 and mine.transcript_phones <= mine.phones
         assert len(mine.transcript_orders) > 100 and mine.transcript_orders <= mine.orders
         # ... and nothing of the other split's databases appears anywhere in them.
-        for values in (theirs.names, theirs.emails, theirs.orders):
+        for values in (theirs.names, theirs.phones, theirs.orders):
             leaked = [v for v in values if v in mine.text]
             assert not leaked, f"{other} values in {split} transcripts: {leaked[:5]}"
 
@@ -131,7 +131,7 @@ def _placeholders() -> dict[str, str]:
     questions = "|".join(re.escape(q) for s in SPLITS for q in customer_config()["phrases"][s]["question"].values())
     summaries = "|".join(re.escape(sc.summary).replace(re.escape("{product}"), f"(?:{products})")
                          for sc in builtin_scenarios())
-    return {"email": r"[a-z0-9._]+@[a-z0-9.]+", "zip": r"\d{5}", "order": r"A\d{5}",
+    return {"phone": r"\d{3}-\d{3}-\d{4}", "zip": r"\d{5}", "order": r"A\d{5}",
             "address": r"\d{1,3} [A-Z][a-z]+ [A-Z][a-z]+, [A-Z][a-z]+", "product": f"(?:{products})",
             "question": f"(?:{questions})", "summary": f"(?:{summaries})"}
 
