@@ -48,14 +48,6 @@ _NAMES = _made_up_names(480)
 FIRST_NAMES = {"train": [n for i, n in enumerate(_NAMES) if i % 8], "test": _NAMES[::8]}
 LAST_NAMES = ("Smith Jones Patel Garcia Chen Novak Okafor Rossi Silva Kim Murphy Dubois Larsen Haddad Ivanova "
               "Tanaka Moreau Fischer Costa Nguyen").split()
-# Order ids (A + 5 digits) and phone numbers (###-###-####) split by the parity of their digit sum: disjoint, yet
-# every digit takes every value in both splits. (Disjoint ranges, e.g. A1xxxx-A5xxxx for training, would give
-# the test split leading digits a learned model never copied, a shift that has nothing to do with the task.)
-
-
-def split_of_id(value: str) -> str:
-    """The split an order id or phone number belongs to."""
-    return SPLITS[sum(int(c) for c in value if c.isdigit()) % 2]
 STREETS = "Oak Maple Cedar Pine Elm Birch Willow Hill Lake River Park Mill".split()
 STREET_KINDS = "Street Avenue Road Lane Drive".split()
 CITIES = "Springfield Riverton Lakeside Fairview Ashford Brookhaven Clifton Dover".split()
@@ -183,6 +175,15 @@ class Goal:
     """What the customer knows and can tell: phone, zip, and order / address / product when relevant."""
     question: str = ""
     """For product questions: price, warranty or stock."""
+
+
+def split_of_id(value: str) -> str:
+    """The split an order id (A + 5 digits) or phone number (###-###-####) belongs to: the parity of its digit sum.
+
+    Disjoint, yet every digit takes every value in both splits. (Disjoint ranges, e.g. A1xxxx-A5xxxx for training,
+    would give test ids leading digits a learned model never copied, a shift that has nothing to do with the task.)
+    """
+    return SPLITS[sum(int(c) for c in value if c.isdigit()) % 2]
 
 
 def _choice(rng: Draws, options: list | tuple) -> Any:

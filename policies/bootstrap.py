@@ -221,8 +221,8 @@ def _fit(config: BootstrapConfig, tokenizer: Any, conversations: list[list[Messa
 
     end_id, pad_id = tokenizer.convert_tokens_to_ids(END), tokenizer.convert_tokens_to_ids(PAD)
     # A decoder-only GPT with rotary positions (Llama layout) rather than GPT-2's learned absolute positions:
-    # relative positions make the "look at the previous token" heads that copying needs easy to learn, and a
-    # 1M-parameter model learned to copy ids here in ~100 steps where GPT-2 had not after 1,500.
+    # relative positions make the "look at the previous token" heads that copying needs easy to learn. Here the
+    # 1M-parameter model learned to copy ids between steps 600 and 1,000; GPT-2 of the same size had not by 1,500.
     model_config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=config.n_embd, intermediate_size=4 * config.n_embd,
         num_hidden_layers=config.n_layer, num_attention_heads=config.n_head, num_key_value_heads=config.n_head,
