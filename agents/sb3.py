@@ -148,14 +148,12 @@ class ProgressShaping(gym.Wrapper):
     """Adds ``gamma * phi(s') - phi(s)`` to the reward (Ng et al., 1999), ``phi`` counting the acts env's progress
     flags. Hand-written: SB3 and Gymnasium ship no shaping wrapper. Terminal states keep their potential."""
 
-    FLAGS = ("phone", "zip", "order", "address", "product", "verified", "order_facts", "product_facts", "resolved",
-             "customer_thanked")
-
     def __init__(self, env: gym.Env, bonus: float, gamma: float) -> None:
         from dialogrl.envs.acts import STATE_FLAGS
 
         super().__init__(env)
-        self.index = [STATE_FLAGS.index(f) for f in self.FLAGS]
+        # Every state flag is progress except the last action's error.
+        self.index = [i for i, f in enumerate(STATE_FLAGS) if f != "last_error"]
         self.bonus, self.gamma, self.phi = bonus, gamma, 0.0
 
     def _potential(self, obs: dict[str, np.ndarray]) -> float:
