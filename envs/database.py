@@ -149,10 +149,11 @@ class Database:
             if c.phone == phone and c.zip == zip_code:
                 self.verified = c.id
                 plan = c.subscription or "none"
-                return self._ok(
-                    a, f"verified: yes - customer {c.name}; account locked: {_yes(c.locked)}; subscription: {plan}"
-                )
-        return self._invalid(a, "verified: no - phone number and zip do not match our records")
+                # The reply repeats what was checked, as lookup replies repeat the order id: the agent sees
+                # what it sent, and the logs hold each phone/zip once more.
+                return self._ok(a, f"verified: yes - phone {phone}, zip {zip_code}: customer {c.name}; "
+                                   f"account locked: {_yes(c.locked)}; subscription: {plan}")
+        return self._invalid(a, f"verified: no - phone {phone} and zip {zip_code} do not match our records")
 
     def _order(self, a: ParsedAction) -> Order | None:
         return self.orders.get(a.args["order"].upper())

@@ -96,6 +96,8 @@ class SimulatedCustomer:
     def opening(self) -> str:
         templates = self.scenario.templates[self.split]
         question = self.phrases["question"].get(self.goal.question, "")
+        if isinstance(question, list):  # several phrasings of the question (one string draws nothing)
+            question = question[int(self.rng.integers(len(question)))]
         text = _garble(self.rng, templates[int(self.rng.integers(len(templates)))], self.persona.typo_rate)
         parts = [text.format_map(_Blank(self.goal.slots, question=question))]
         if self.goal.slots.get("product"):

@@ -69,7 +69,7 @@ class BootstrapConfig:
     dropout: float = 0.0
     """Attention dropout (0: a few hundred steps on a small corpus do not overfit)."""
     steps: int = 2000
-    """Optimizer steps (default: ~8M tokens, ~3 passes over the default corpus, ~10 min on 2 cores). Copying ids
+    """Optimizer steps (default: ~8M tokens, one pass over the default corpus, ~10 min on 2 cores). Copying ids
     from the context appears abruptly, between steps 600 and 1,000 in different builds here; at 300 it had not."""
     batch_size: int = 8
     """Sequences per step."""
@@ -81,8 +81,10 @@ class BootstrapConfig:
     """AdamW weight decay on matrices."""
     seed: int = 0
     """Seeds the corpus (via the caller), the weight init and the batch order."""
-    corpus_episodes: int = 10000
-    """Conversations in the domain corpus (read by the corpus function the caller passes)."""
+    corpus_episodes: int = 30000
+    """Conversations in the domain corpus (read by the corpus function the caller passes). The default is about
+    one pass of ``steps``: every sequence brings ids the model has not seen, so only copying them lowers the
+    loss; recalling memorised ids from earlier passes cannot."""
     tokenizer_conversations: int = 1000
     """Conversations the BPE tokenizer is trained on (spread evenly over the corpus; 0: all)."""
     num_threads: int = 0

@@ -11,7 +11,7 @@ from dialogrl.types import Message
 
 from .scripted import make_scripted
 
-CORPUS_VERSION = "v5"
+CORPUS_VERSION = "v7"
 """Part of the base-model cache key: bump it when the corpus recipe or the environment's language changes."""
 MIX = {"expert": 0.3, "historical": 0.4, "noisy": 0.3}
 

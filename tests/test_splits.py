@@ -128,7 +128,7 @@ def test_customer_phrases_are_disjoint() -> None:
 
 def _placeholders() -> dict[str, str]:
     products = "|".join(re.escape(p) for p in sorted(ITEM_NAMES, key=len, reverse=True))
-    questions = "|".join(re.escape(q) for s in SPLITS for q in customer_config()["phrases"][s]["question"].values())
+    questions = "|".join(re.escape(q) for s in SPLITS for q in _flat(customer_config()["phrases"][s]["question"]))
     summaries = "|".join(re.escape(sc.summary).replace(re.escape("{product}"), f"(?:{products})")
                          for sc in builtin_scenarios())
     return {"phone": r"\d{3}-\d{3}-\d{4}", "zip": r"\d{5}", "order": r"A\d{5}",
