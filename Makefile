@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install quickstart quickstart-full test lint bench clean
+.PHONY: install quickstart quickstart-scripted test lint bench clean
 
 install: $(STAMP)
 
@@ -16,13 +16,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[train,dev]'
 	rm -f $(VENV)/.installed-* && touch $@
 
-# Until the learning benchmark meets its target (see README), the main job evaluates the scripted policies;
-# `make quickstart-full` runs the whole base -> SFT -> PPO -> report pipeline.
+# The main job: base model (built once, cached) -> logs -> SFT -> filtered SFT -> PPO -> DPO -> report.
 quickstart: install
-	$(BIN)/dialogrl quickstart scripted_only=true eval_episodes=500
-
-quickstart-full: install
 	$(BIN)/dialogrl quickstart
+
+# Seconds: only the scripted policies (random, historical, expert) on 500 held-out scenarios.
+quickstart-scripted: install
+	$(BIN)/dialogrl quickstart scripted_only=true eval_episodes=500
 
 test: install
 	$(BIN)/ruff check .
