@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from dialogrl.agents.ppo_model import PolicyWithValue, build_policy, forward_samples, prepare_start, save_run
+from dialogrl.agents.ppo_model import (
+    FORWARD_CHUNK,
+    PolicyWithValue,
+    build_policy,
+    forward_samples,
+    prepare_start,
+    save_run,
+)
 from dialogrl.agents.rollouts import RolloutBatch, TurnSample, collect
 from dialogrl.evaluation import checked_env_kwargs, make_env, scenario_seeds
 from dialogrl.types import DialogRLError
@@ -171,22 +179,33 @@ def prepare(module: PolicyWithValue, batch: RolloutBatch, cfg: PPOConfig, kl_coe
                     kl=float(stats[3] / max(float(stats[4]), 1.0)), entropy=float(stats[5] / max(float(stats[4]), 1.0)))
 
 
-def ppo_loss(module: nn.Module, data: Prepared, idx: list[int], cfg: PPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped policy loss + clipped value loss over the reply tokens of the samples ``idx``."""
-    samples = [data.samples[i] for i in idx]
-    logp, values, _ = forward_samples(module, samples, cfg.temperature, grad=True)
-    old_logp = torch.cat([data.old_logp[i] for i in idx])
-    old_v = torch.cat([data.old_values[i] for i in idx])
-    adv = torch.cat([data.advantages[i] for i in idx])
-    ret = torch.cat([data.returns[i] for i in idx])
-    new_logp, new_v = torch.cat(logp), torch.cat(values)
-    ratio = torch.exp(new_logp - old_logp)
-    pg = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - cfg.clip_range, 1 + cfg.clip_range)).mean()
-    v_clipped = old_v + torch.clamp(new_v - old_v, -cfg.value_clip, cfg.value_clip)
-    vf = 0.5 * torch.max((new_v - ret) ** 2, (v_clipped - ret) ** 2).mean()
-    clipfrac = ((ratio - 1).abs() > cfg.clip_range).float().mean()
-    parts = {"pg_loss": pg.item(), "vf_loss": vf.item(), "clipfrac": clipfrac.item()}
-    return pg + cfg.vf_coef * vf, parts
+def ppo_backward(module: nn.Module, data: Prepared, idx: list[int], cfg: PPOConfig, accelerator: Any
+                 ) -> dict[str, float]:
+    """Clipped policy loss + clipped value loss over the reply tokens of the samples ``idx``, back-propagated
+    ``FORWARD_CHUNK`` samples at a time (memory) with each part weighted by its share of the tokens, so the
+    accumulated gradient is that of the token mean over all of ``idx``."""
+    total = sum(len(data.samples[i].response_ids) for i in idx)
+    idx = sorted(idx, key=lambda i: len(data.samples[i].prompt_ids) + len(data.samples[i].response_ids))  # less pad
+    parts = {"pg_loss": 0.0, "vf_loss": 0.0, "clipfrac": 0.0}
+    chunks = [idx[start:start + FORWARD_CHUNK] for start in range(0, len(idx), FORWARD_CHUNK)]
+    for k, chunk in enumerate(chunks):
+        logp, values, _ = forward_samples(module, [data.samples[i] for i in chunk], cfg.temperature, grad=True)
+        old_logp = torch.cat([data.old_logp[i] for i in chunk])
+        old_v = torch.cat([data.old_values[i] for i in chunk])
+        adv = torch.cat([data.advantages[i] for i in chunk])
+        ret = torch.cat([data.returns[i] for i in chunk])
+        new_logp, new_v = torch.cat(logp), torch.cat(values)
+        ratio = torch.exp(new_logp - old_logp)
+        pg = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - cfg.clip_range, 1 + cfg.clip_range)).sum() / total
+        v_clipped = old_v + torch.clamp(new_v - old_v, -cfg.value_clip, cfg.value_clip)
+        vf = 0.5 * torch.max((new_v - ret) ** 2, (v_clipped - ret) ** 2).sum() / total
+        # Gradients are all-reduced once, after the last part (DDP); single-process no_sync does nothing.
+        with accelerator.no_sync(module) if k < len(chunks) - 1 else nullcontext():
+            accelerator.backward(pg + cfg.vf_coef * vf)
+        parts["pg_loss"] += pg.item()
+        parts["vf_loss"] += vf.item()
+        parts["clipfrac"] += float(((ratio - 1).abs() > cfg.clip_range).float().sum()) / total
+    return parts
 
 
 def train_ppo(cfg: PPOConfig) -> Path:
@@ -239,9 +258,8 @@ def train_ppo(cfg: PPOConfig) -> Path:
             for start in range(0, len(order), per_step):
                 chosen = {episodes[j] for j in order[start:start + per_step]}
                 idx = [i for i, s in enumerate(data.samples) if s.episode in chosen]
-                loss, parts = ppo_loss(module, data, idx, cfg)
                 optimizer.zero_grad()
-                accelerator.backward(loss)
+                parts = ppo_backward(module, data, idx, cfg, accelerator)
                 accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 losses.append(parts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from dialogrl.agents.lora import lora_config
+from dialogrl.rewards.reward_model import ENV_PATHS
 from dialogrl.types import DialogRLError
 
 if TYPE_CHECKING:
@@ -171,4 +173,6 @@ def save_run(inner: PolicyWithValue, start_dir: Path, cfg: PPOConfig, state: dic
     base_ref = "base" if start_dir.resolve() == (out / "base").resolve() else str(start_dir)
     run = {"method": "ppo", "base_model": base_ref, "adapter": "adapter", "seed": cfg.seed,
            "config": dataclasses.asdict(cfg), "history": state["history"], "versions": package_versions()}
+    if os.environ.get(ENV_PATHS) and any("reward_model" in str(r) for r in cfg.rewards or []):
+        run["reward_model_dirs"] = os.environ[ENV_PATHS]  # what the learned-reward spec resolved to
     (out / "run.json").write_text(json.dumps(run, indent=1))

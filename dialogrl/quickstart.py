@@ -7,14 +7,20 @@ quickstart picks up where it stopped. Heavy libraries are imported inside the st
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dialogrl.rewards.reward_model import ENV_PATHS
 from dialogrl.types import DialogRLError
 
-METHODS = ("sft", "sft-filtered", "ppo", "dpo")
+METHODS = ("sft", "sft-filtered", "ppo", "dpo", "ppo-rm")
+LEARNED_REWARD = "dialogrl.rewards.reward_model:from_env"
+"""The reward spec ``ppo-rm`` trains on: the reward model(s) named by $DIALOGRL_REWARD_MODEL, nothing else."""
 
 
 @dataclass
@@ -32,7 +38,8 @@ class QuickstartConfig:
     eval_seed: int = 0
     """Seed of the held-out scenario draw."""
     methods: list[str] = field(default_factory=lambda: ["sft", "sft-filtered", "ppo", "dpo"])
-    """Trained methods, in order (ppo and dpo start from the same seed's sft run)."""
+    """Trained methods, in order (ppo and dpo start from the same seed's sft run). ``ppo-rm``: PPO on a learned
+    reward model alone (trained first on environment pairs, ``rm-s<seed>``), evaluated on true task success."""
     base: dict[str, Any] = field(default_factory=dict)
     """Overrides of the bootstrap base-model config (BootstrapConfig fields)."""
     sft: list[str] = field(default_factory=list)
@@ -41,6 +48,8 @@ class QuickstartConfig:
     """``key=value`` overrides for PPO."""
     dpo: list[str] = field(default_factory=list)
     """``key=value`` overrides for DPO."""
+    reward_model: list[str] = field(default_factory=list)
+    """``key=value`` overrides for the reward model ``ppo-rm`` trains on (RewardModelConfig fields)."""
     baseline: str = "sft"
     """Method every other one is compared with."""
     scripted_only: bool = False
@@ -75,12 +84,13 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     unknown = sorted(set(cfg.methods) - set(METHODS))
     if unknown:
         raise DialogRLError(f"unknown method '{unknown[0]}' in quickstart; known: {', '.join(METHODS)}")
-    for rl in ("ppo", "dpo"):
+    for rl in ("ppo", "dpo", "ppo-rm"):
         if rl in cfg.methods and cfg.methods.index(rl) < (cfg.methods + ["sft"]).index("sft"):
             raise DialogRLError(f"{rl} starts from the sft run: put 'sft' before '{rl}' in methods")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
+    peak_rss_mb: dict[str, float] = {}  # the process's peak resident memory so far, after each step
     started = time.perf_counter()
 
     t = _step("base model (built once, then cached)")
@@ -89,6 +99,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
                                  corpus_version=CORPUS_VERSION)
     print(f"base model: {base_dir}")
     timings["base"] = time.perf_counter() - t
+    peak_rss_mb["base"] = _peak_rss_mb()
 
     t = _step("historical logs (train split)")
     logs = out / "logs" / "historical.jsonl"
@@ -100,6 +111,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
                                scenario_seeds(10_000 + cfg.eval_seed, cfg.log_episodes), keep_messages=True)
         write_jsonl(records, logs)
     timings["logs"] = time.perf_counter() - t
+    peak_rss_mb["logs"] = _peak_rss_mb()
 
     evals: list[Path] = []
     for seed in range(cfg.seeds):
@@ -115,6 +127,12 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
                     overrides = [f"init_adapter={out / f'sft-s{seed}'}", f"seed={seed}", f"output_dir={run_dir}",
                                  "eval_episodes=0", *cfg.ppo]
                     train_ppo(load_config(PPOConfig, None, overrides))
+                elif method == "ppo-rm":
+                    rm_dir = _reward_model(cfg, out / f"rm-s{seed}", base_dir, seed)
+                    overrides = [f"init_adapter={out / f'sft-s{seed}'}", f"seed={seed}", f"output_dir={run_dir}",
+                                 "eval_episodes=0", *cfg.ppo, f"rewards={json.dumps([LEARNED_REWARD])}"]
+                    with _env_var(ENV_PATHS, str(rm_dir.resolve())):
+                        train_ppo(load_config(PPOConfig, None, overrides))
                 else:
                     overrides = [f"init_adapter={out / f'sft-s{seed}'}", f"seed={seed}", f"output_dir={run_dir}",
                                  "eval_episodes=0", *cfg.dpo]
@@ -123,6 +141,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
                 evaluate_run(run_dir, cfg.eval_episodes, cfg.eval_seed, method=method, training_seed=seed)
             evals += [run_dir / "eval.json", run_dir / "eval_sampled.json"]
             timings[f"{method}-s{seed}"] = time.perf_counter() - t
+            peak_rss_mb[f"{method}-s{seed}"] = _peak_rss_mb()
 
     t = _step("scripted references")
     for name in ("expert", "historical"):
@@ -131,6 +150,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
             write_json(evaluate(make_scripted(name), episodes=cfg.eval_episodes, seed=cfg.eval_seed), path)
         evals.append(path)
     timings["scripted"] = time.perf_counter() - t
+    peak_rss_mb["scripted"] = _peak_rss_mb()
 
     t = _step("comparison report")
     report = compare([p for p in evals if p.name == "eval.json" or ".eval." in p.name], cfg.baseline,
@@ -139,12 +159,47 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     if sampled:
         compare(sampled, cfg.baseline, out / "report_sampled")
     timings["report"] = time.perf_counter() - t
+    peak_rss_mb["report"] = _peak_rss_mb()
     timings["total"] = time.perf_counter() - started
-    write_json(timings, out / "timings.json")
+    write_json({**timings, "peak_rss_mb": peak_rss_mb}, out / "timings.json")
     print("\n" + format_table(report))
     print(f"\nreport: {out / 'report' / 'report.md'} (greedy decoding); sampled: {out / 'report_sampled'}")
     print(f"total {timings['total']:.0f} s")
     return report
+
+
+def _peak_rss_mb() -> float:
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+def _reward_model(cfg: QuickstartConfig, rm_dir: Path, base_dir: Path, seed: int) -> Path:
+    """The seed's reward model, trained on environment pairs from the train split (once; reused afterwards)."""
+    from dialogrl.agents.reward_model_train import RewardModelConfig, train_reward_model
+    from dialogrl.config import load_config
+
+    if not (rm_dir / "run.json").exists():
+        _step(f"reward model for ppo-rm, training seed {seed}")
+        overrides = [f"model={base_dir}", f"seed={seed}", f"output_dir={rm_dir}", "overwrite=true",
+                     *cfg.reward_model]
+        train_reward_model(load_config(RewardModelConfig, None, overrides))
+    return rm_dir
+
+
+@contextmanager
+def _env_var(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def _scripted_only(cfg: QuickstartConfig) -> dict[str, Any]:

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dialogrl.types import DialogRLError, Message
 
 BUILD_VERSION = "b3"
@@ -236,10 +238,14 @@ def _fit(config: BootstrapConfig, tokenizer: Any, conversations: list[list[Messa
 
     # Pack every conversation into one stream; a training sequence starts at a conversation start (as prompts
     # do at inference) and runs on into the next conversations, so no token is padding.
-    ids = render_ids(tokenizer, conversations)
-    stream = torch.tensor([t for conv in ids for t in conv], dtype=torch.long)
+    # Tokenised a thousand conversations at a time into int32 arrays: Python lists of 8M ids (and the tokenizer's
+    # attention masks) took over a gigabyte.
+    parts = [np.asarray(seq, dtype=np.int32) for start in range(0, len(conversations), 1000)
+             for seq in render_ids(tokenizer, conversations[start:start + 1000])]
+    stream = torch.from_numpy(np.concatenate(parts).astype(np.int64))
     block = min(config.block_size, config.n_positions, len(stream) - 1)
-    offsets = torch.tensor([0, *torch.tensor([len(c) for c in ids]).cumsum(0).tolist()[:-1]])
+    offsets = torch.tensor([0, *np.cumsum([len(p) for p in parts])[:-1].tolist()])
+    del parts
     starts = offsets[offsets + block <= len(stream)]
     if len(starts) == 0:
         starts = torch.tensor([0])

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from dialogrl.policies.kv_reuse import CachedPrefix, PrefixStore, build_batch, split_cache
 from dialogrl.types import DialogRLError, Message
 
 
@@ -32,6 +33,8 @@ class GenerationSettings:
     (None: use and advance torch's global RNG, as a training loop that seeds torch expects)."""
     max_batch: int = 64
     """Conversations per ``generate`` call (longer lists are split, similar prompt lengths together)."""
+    reuse_kv: bool = True
+    """Keep each conversation's KV cache to the next turn and encode only the new tokens (``kv_reuse``)."""
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -74,6 +77,7 @@ class LMPolicy:
         self.generation = generation or GenerationSettings()
         self.name = name
         self._calls = 0
+        self._prefixes = PrefixStore()
         if not getattr(tokenizer, "chat_template", None):
             raise DialogRLError(f"policy '{name}': the tokenizer has no chat template")
         self.end_id = _end_of_turn_id(tokenizer)
@@ -184,45 +188,52 @@ class LMPolicy:
             return []
         prompts, cut = self.prompt_ids(conversations)
         settings = self.generation
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[Generation | None] = [None] * len(prompts)
         call, self._calls = self._calls, self._calls + 1
         was_training = self.model.training
         self.model.eval()
         device = next(self.model.parameters()).device
         rng_devices = [device.index or 0] if device.type == "cuda" else []
+        self._prefixes.sync(self.model)
+        reuse = [self._prefixes.match(p) if settings.reuse_kv else (0, None) for p in prompts]
+        # Conversations resuming from a cache and fresh ones go in separate calls: mixed, every row would pay for
+        # the longest new input. Within each, similar lengths go together.
+        groups = [sorted((i for i in range(len(prompts)) if bool(reuse[i][0]) == resumed),
+                         key=lambda i: len(prompts[i]) - reuse[i][0]) for resumed in (False, True)]
+        chunks = [g[start:start + settings.max_batch] for g in groups for start in range(0, len(g), settings.max_batch)]
+        kept: list[CachedPrefix] = []
         try:
             with (torch.random.fork_rng(devices=rng_devices, enabled=settings.seed is not None),
                   torch.inference_mode()):
                 if settings.seed is not None:
                     torch.manual_seed(settings.seed * 1_000_003 + call)
-                for start in range(0, len(order), settings.max_batch):
-                    chunk = order[start:start + settings.max_batch]
-                    for i, gen in zip(chunk, self._generate_chunk([prompts[i] for i in chunk]), strict=True):
+                for chunk in chunks:
+                    gens, entries = self._generate_chunk([prompts[i] for i in chunk], [reuse[i] for i in chunk])
+                    kept += entries
+                    for i, gen in zip(chunk, gens, strict=True):
                         gen.truncated_prompt = cut[i]
                         results[i] = gen
         finally:
             self.model.train(was_training)
+        self._prefixes.replace(kept if settings.reuse_kv else [])
         return [r for r in results if r is not None]
 
-    def _generate_chunk(self, prompts: list[list[int]]) -> list[Generation]:
+    def _generate_chunk(self, prompts: list[list[int]], reuse: list[tuple[int, CachedPrefix | None]]
+                        ) -> tuple[list[Generation], list[CachedPrefix]]:
         import torch
         from transformers import GenerationConfig
 
         s = self.generation
         device = next(self.model.parameters()).device
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
-            input_ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            attention[row, width - len(p):] = 1
+        # Left padding (every prompt ends where generation starts), reused prefixes already in ``cache``.
+        input_ids, attention, cache = build_batch(prompts, reuse, self.pad_id, self.model.config)
+        width = input_ids.shape[1]
         sampling = {"temperature": s.temperature, "top_p": s.top_p, "top_k": 0} if s.do_sample else {}
         config = GenerationConfig(max_new_tokens=s.max_new_tokens, do_sample=s.do_sample, eos_token_id=self.end_id,
                                   pad_token_id=self.pad_id, use_cache=True, return_dict_in_generate=True,
                                   output_logits=True, **sampling)
         out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                  generation_config=config)
+                                  generation_config=config, cache=cache)
         new = out.sequences[:, width:].cpu()
         # Raw logits (not the top-p-filtered scores): log-probs under the temperature alone, as PPO recomputes them.
         logits = torch.stack(out.logits, dim=1).float().cpu() / s.temperature
@@ -237,7 +248,9 @@ class LMPolicy:
             ids = new[row, :n].tolist()
             text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
             gens.append(Generation(text, list(p), ids, logps[row, :n].tolist(), bool(ended[row])))
-        return gens
+        entries = (split_cache(out.cache, attention, out.sequences.cpu(), lengths.tolist(), width)
+                   if s.reuse_kv and out.cache is not None else [])
+        return gens, entries
 
 
 def _end_of_turn_id(tokenizer: Any) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,7 +25,9 @@ def _tiny_job(tmp_path: Path, **overrides: object):
         ppo=["iterations=1", "episodes_per_iteration=8", "minibatch_episodes=8", "env_batch=8", "max_turns=3",
              "max_new_tokens=12"],
         dpo=["rounds=1", "scenarios_per_round=4", "states_per_episode=1", "candidates=2", "max_turns=3",
-             "max_new_tokens=12", "margin=0.0"])
+             "max_new_tokens=12", "margin=0.0"],
+        reward_model=["collect_episodes=8", "states_per_episode=1", "max_turns=3", "epochs=1", "eval_fraction=0.25"],
+        methods=["sft", "sft-filtered", "ppo", "dpo", "ppo-rm"])
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
@@ -38,15 +41,21 @@ def test_quickstart_runs_every_stage_and_reports_every_method(tmp_path: Path,
     cfg = _tiny_job(tmp_path)
     report = run_quickstart(cfg)
     out = Path(cfg.out)
-    assert set(report["methods"]) == {"sft", "sft-filtered", "ppo", "dpo", "expert", "historical"}
-    for method in ("sft-filtered", "ppo", "dpo"):
+    assert set(report["methods"]) == {"sft", "sft-filtered", "ppo", "dpo", "ppo-rm", "expert", "historical"}
+    for method in ("sft-filtered", "ppo", "dpo", "ppo-rm"):
         vs = report["methods"][method]["vs_baseline"]
         assert vs["shared_scenarios"] == 6 and vs["success_rate"]["low"] <= vs["success_rate"]["high"]
     for name in ("report.md", "report.json", "report.png"):
         assert (out / "report" / name).is_file() and (out / "report_sampled" / name).is_file()
     timings = json.loads((out / "timings.json").read_text())
     assert {"base", "logs", "sft-s0", "ppo-s0", "dpo-s0", "total"} <= set(timings)
+    assert timings["peak_rss_mb"]["report"] >= timings["peak_rss_mb"]["base"] > 0
     assert len(list((tmp_path / "cache").glob("base-*"))) == 1  # the base model went to the cache
+    # ppo-rm trained on the learned reward alone; its evaluation still judges true success from the database.
+    run = json.loads((out / "ppo-rm-s0" / "run.json").read_text())
+    assert run["config"]["rewards"] == ["dialogrl.rewards.reward_model:from_env"]
+    assert Path(run["reward_model_dirs"]) == (out / "rm-s0").resolve() and (out / "rm-s0" / "run.json").is_file()
+    assert os.environ.get("DIALOGRL_REWARD_MODEL") is None  # set for that run only
 
     # A second run finds every output and skips the work (resume after an interruption).
     again = run_quickstart(cfg)
