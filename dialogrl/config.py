@@ -77,18 +77,23 @@ def yaml_value(text: str) -> Any:
         return text
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path, what: str = "config file") -> Any:
+    """A YAML file's data; a missing, unreadable or malformed file is a one-line error naming it (and the line)."""
     if not path.is_file():
-        raise DialogRLError(f"config file not found: {path}")
+        raise DialogRLError(f"{what} not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise DialogRLError(f"{path}:{line} invalid YAML: {problem}") from None
+        raise DialogRLError(f"{what} {path}:{line} invalid YAML: {problem}") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise DialogRLError(f"cannot read config file {path}: {exc}") from None
+        raise DialogRLError(f"cannot read {what} {path}: {exc}") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    data = read_yaml(path)
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -12,8 +12,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from dialogrl.config import read_yaml
 from dialogrl.types import DialogRLError, ParsedAction
 
 from .database import ORDER_RULES, Customer, Database, Order, Product
@@ -91,14 +90,7 @@ def _require(data: dict, key: str, path: Path) -> Any:
 def load_scenario(path: str | Path) -> Scenario:
     """Load and validate one scenario file."""
     path = Path(path)
-    if not path.is_file():
-        raise DialogRLError(f"scenario file {path}: not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise DialogRLError(f"scenario file {path}:{where} malformed YAML ({getattr(exc, 'problem', exc)})") from None
+    data = read_yaml(path, "scenario file")
     if not isinstance(data, dict):
         raise DialogRLError(f"scenario file {path}: expected a mapping at the top level")
     keys = ["intent", "summary", "target", "resolution", "requires_verification", "inform",

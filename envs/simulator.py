@@ -14,7 +14,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import yaml
+from dialogrl.config import read_yaml
 
 from .rng import Draws
 from .scenario import SCENARIO_DIR, Goal, Scenario
@@ -48,7 +48,7 @@ class Persona:
 
 @cache
 def customer_config(path: str = str(SCENARIO_DIR / "_customer.yaml")) -> dict[str, Any]:
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    data = read_yaml(Path(path), "customer file")
     data["personas"] = {
         name: Persona(name, int(p["patience"]), tuple(p["upfront"]), bool(p["one_slot"]), float(p["typo_rate"]))
         for name, p in data["personas"].items()

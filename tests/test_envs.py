@@ -273,7 +273,7 @@ def test_user_scenario_sits_beside_the_builtins_and_accepts_a_path_object() -> N
     assert {s.intent for s in env.scenarios} == {s.intent for s in builtin_scenarios()} | {"damaged_item"}
 
 
-@pytest.mark.parametrize("name,match", [("malformed.yaml", "malformed YAML"),
+@pytest.mark.parametrize("name,match", [("malformed.yaml", "invalid YAML"),
                                         ("missing_key.yaml", "missing key 'resolution'"),
                                         ("nowhere.yaml", "not found")])
 def test_bad_scenario_file_is_one_clear_error(name: str, match: str) -> None:
