@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 from dialogrl.rewards.reward_model import ENV_PATHS
 from dialogrl.types import DialogRLError
@@ -131,7 +130,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
                     rm_dir = _reward_model(cfg, out / f"rm-s{seed}", base_dir, seed)
                     overrides = [f"init_adapter={out / f'sft-s{seed}'}", f"seed={seed}", f"output_dir={run_dir}",
                                  "eval_episodes=0", *cfg.ppo, f"rewards={json.dumps([LEARNED_REWARD])}"]
-                    with _env_var(ENV_PATHS, str(rm_dir.resolve())):
+                    with patch.dict(os.environ, {ENV_PATHS: str(rm_dir.resolve())}):  # restored after
                         train_ppo(load_config(PPOConfig, None, overrides))
                 else:
                     overrides = [f"init_adapter={out / f'sft-s{seed}'}", f"seed={seed}", f"output_dir={run_dir}",
@@ -187,19 +186,6 @@ def _reward_model(cfg: QuickstartConfig, rm_dir: Path, base_dir: Path, seed: int
                      *cfg.reward_model]
         train_reward_model(load_config(RewardModelConfig, None, overrides))
     return rm_dir
-
-
-@contextmanager
-def _env_var(name: str, value: str) -> Iterator[None]:
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def _scripted_only(cfg: QuickstartConfig) -> dict[str, Any]:

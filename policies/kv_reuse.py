@@ -78,9 +78,10 @@ def new_cache(n_layers: int) -> Any:
     return cache
 
 
-def weights_fingerprint(model: Any) -> tuple[int, ...]:
-    """Changes whenever a parameter is replaced or updated in place (optimizer steps bump ``_version``)."""
-    return (id(model), *(id(p) ^ (p._version << 20) for p in model.parameters()))
+def weights_fingerprint(model: Any) -> tuple[Any, ...]:
+    """Changes whenever a parameter is replaced or updated in place (optimizer steps bump ``_version``). An
+    adapter switched off by a context manager changes no parameter: generation never runs under one here."""
+    return (id(model), *((id(p), p._version) for p in model.parameters()))
 
 
 class PrefixStore:
@@ -88,7 +89,7 @@ class PrefixStore:
 
     def __init__(self) -> None:
         self.entries: list[CachedPrefix] = []
-        self.fingerprint: tuple[int, ...] | None = None
+        self.fingerprint: tuple[Any, ...] | None = None
         self._table: np.ndarray | None = None
 
     def sync(self, model: Any) -> None:
