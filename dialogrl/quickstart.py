@@ -90,6 +90,9 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     peak_rss_mb: dict[str, float] = {}  # the process's peak resident memory so far, after each step
+
+    def done(step: str, t: float) -> None:
+        timings[step], peak_rss_mb[step] = time.perf_counter() - t, _peak_rss_mb()
     started = time.perf_counter()
 
     t = _step("base model (built once, then cached)")
@@ -97,8 +100,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     base_dir = cached_base_model(base_cfg, lambda: domain_corpus(base_cfg.corpus_episodes, base_cfg.seed),
                                  corpus_version=CORPUS_VERSION)
     print(f"base model: {base_dir}")
-    timings["base"] = time.perf_counter() - t
-    peak_rss_mb["base"] = _peak_rss_mb()
+    done("base", t)
 
     t = _step("historical logs (train split)")
     logs = out / "logs" / "historical.jsonl"
@@ -109,8 +111,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
                                text_policy_act(make_scripted("historical", seed=0)),
                                scenario_seeds(10_000 + cfg.eval_seed, cfg.log_episodes), keep_messages=True)
         write_jsonl(records, logs)
-    timings["logs"] = time.perf_counter() - t
-    peak_rss_mb["logs"] = _peak_rss_mb()
+    done("logs", t)
 
     evals: list[Path] = []
     for seed in range(cfg.seeds):
@@ -139,8 +140,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
             if not (run_dir / "eval.json").exists():
                 evaluate_run(run_dir, cfg.eval_episodes, cfg.eval_seed, method=method, training_seed=seed)
             evals += [run_dir / "eval.json", run_dir / "eval_sampled.json"]
-            timings[f"{method}-s{seed}"] = time.perf_counter() - t
-            peak_rss_mb[f"{method}-s{seed}"] = _peak_rss_mb()
+            done(f"{method}-s{seed}", t)
 
     t = _step("scripted references")
     for name in ("expert", "historical"):
@@ -148,8 +148,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         if not path.exists():
             write_json(evaluate(make_scripted(name), episodes=cfg.eval_episodes, seed=cfg.eval_seed), path)
         evals.append(path)
-    timings["scripted"] = time.perf_counter() - t
-    peak_rss_mb["scripted"] = _peak_rss_mb()
+    done("scripted", t)
 
     t = _step("comparison report")
     report = compare([p for p in evals if p.name == "eval.json" or ".eval." in p.name], cfg.baseline,
@@ -157,8 +156,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     sampled = [p for p in evals if p.name == "eval_sampled.json"]
     if sampled:
         compare(sampled, cfg.baseline, out / "report_sampled")
-    timings["report"] = time.perf_counter() - t
-    peak_rss_mb["report"] = _peak_rss_mb()
+    done("report", t)
     timings["total"] = time.perf_counter() - started
     write_json({**timings, "peak_rss_mb": peak_rss_mb}, out / "timings.json")
     print("\n" + format_table(report))
