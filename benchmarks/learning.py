@@ -11,6 +11,8 @@ transfers to true success (judged from the database, as for every method).
 
     python benchmarks/learning.py                    # 3 seeds (tens of minutes on 2 cores)
     python benchmarks/learning.py --seeds 1 --quick  # a smoke run: tiny budgets, says nothing about the claim
+    python benchmarks/learning.py --methods sft,sft-filtered,ppo,dpo --log-errors skip_verification=0.7 \
+        --work runs/learning-habits --out benchmarks/results/learning_habits.json  # logs with a habit
 
 Writes benchmarks/results/learning.json (and the full report under --work).
 """
@@ -50,8 +52,8 @@ def summarise(report: dict[str, Any], seconds: float, args: argparse.Namespace) 
         gap = rows["sft"]["success_rate"] - rows["historical"]["success_rate"]
         targets["sft_imitates_logs"] = {"target": f"|sft - historical| <= {SFT_TOLERANCE}", "gap": gap,
                                         "met": abs(gap) <= SFT_TOLERANCE}
-    return {"benchmark": "learning", "decoding": "greedy", "seeds": args.seeds, "methods_run": args.methods, "eval_episodes": args.episodes,
-            "quick": args.quick, "seconds": round(seconds, 1), "methods": rows, "targets": targets,
+    return {"benchmark": "learning", "decoding": "greedy", "seeds": args.seeds, "methods_run": args.methods,
+            "eval_episodes": args.episodes, "log_errors": args.log_errors, "quick": args.quick, "seconds": round(seconds, 1), "methods": rows, "targets": targets,
             "ceiling": rows.get("expert", {}).get("success_rate")}
 
 
@@ -64,10 +66,19 @@ def main() -> None:
     parser.add_argument("--work", default="runs/learning-benchmark", help="run directories and the full report")
     parser.add_argument("--out", default="benchmarks/results/learning.json")
     parser.add_argument("--methods", default="sft,sft-filtered,ppo,dpo,ppo-rm", help="comma-separated, in order")
+    parser.add_argument("--log-errors", nargs="*", default=[], metavar="NAME=RATE",
+                        help="error rates of the historical agent behind the logs (HistoricalErrors fields)")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the plumbing only")
     args = parser.parse_args()
+    rates = dict(item.split("=", 1) for item in args.log_errors if "=" in item)
+    if len(rates) != len(args.log_errors):
+        parser.error(f"--log-errors takes NAME=RATE items, got {args.log_errors}")
+    try:
+        args.log_errors = {k: float(v) for k, v in rates.items()}
+    except ValueError as exc:
+        parser.error(f"--log-errors: {exc}")
     cfg = QuickstartConfig(out=args.work, seeds=args.seeds, eval_episodes=args.episodes,
-                           methods=args.methods.split(","))
+                           methods=args.methods.split(","), log_errors=args.log_errors)
     if args.quick:
         cfg.log_episodes, cfg.sft = 200, ["max_steps=20"]
         cfg.ppo, cfg.dpo = ["iterations=1", "episodes_per_iteration=16"], ["rounds=1", "scenarios_per_round=8"]

@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("logs", help="write conversation logs (HF messages JSONL) from a scripted policy")
     p.add_argument("--policy", default="historical")
     p.add_argument("--out", required=True, type=Path)
+    _error_args(p)
     _env_args(p, "train")
 
     p = sub.add_parser("eval", help="evaluate a policy on held-out scenarios")
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_count, default=1, help="episodes per scenario (for pass^k)")
     p.add_argument("--out", type=Path)
     p.add_argument("--method", help="method name in reports (default: the policy's name)")
+    _error_args(p)
     _env_args(p, "test")
 
     p = sub.add_parser("compare", help="compare evaluations with a baseline: report.md, report.json, report.png")
@@ -110,11 +112,31 @@ def _cmd_rewards(_: argparse.Namespace) -> None:
         print(f"{name:16s} {'default weight ' + str(weight) if weight is not None else '':22s} {doc}")
 
 
-def _load_policy(spec: str, seed: int) -> Any:
+def _error_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--error", action="append", default=[], metavar="NAME=RATE", dest="errors",
+                   help="an error rate of the historical agent (HistoricalErrors field), e.g. skip_verification=0.7")
+
+
+def _error_rates(items: list[str]) -> dict[str, float]:
+    rates = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            rates[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise DialogRLError(f"--error takes NAME=RATE (e.g. skip_verification=0.7), got '{item}'")
+    return rates
+
+
+def _load_policy(spec: str, seed: int, errors: list[str] | None = None) -> Any:
     from dialogrl.policies.scripted import SCRIPTED, make_scripted
 
+    if errors and spec != "historical":
+        raise DialogRLError(f"--error sets the historical agent's error rates; the policy is '{spec}'")
     if spec in SCRIPTED:
-        return make_scripted(spec, seed=seed)
+        return make_scripted(spec, seed=seed, errors=_error_rates(errors or []))
     if Path(spec).is_dir():
         from dialogrl.policies.lm import LMPolicy
 
@@ -125,7 +147,7 @@ def _load_policy(spec: str, seed: int) -> Any:
 def _cmd_logs(args: argparse.Namespace) -> None:
     from dialogrl.evaluation import make_env, require_text_env, run_episodes, scenario_seeds, text_policy_act
 
-    policy = _load_policy(args.policy, args.seed)
+    policy = _load_policy(args.policy, args.seed, args.errors)
     kwargs = {"split": args.split, **_env_kwargs(args)}
     require_text_env(args.env, kwargs)
     records = run_episodes(lambda: make_env(args.env, **kwargs), text_policy_act(policy),
@@ -158,7 +180,7 @@ def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:
 def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from dialogrl.evaluation import evaluate, write_json
 
-    policy = _load_policy(args.policy, args.seed)
+    policy = _load_policy(args.policy, args.seed, args.errors)
     result = evaluate(policy, args.env, split=args.split, episodes=args.episodes, seed=args.seed,
                       repeats=args.repeats, env_kwargs=_env_kwargs(args), method=args.method,
                       decoding=getattr(policy, "decoding", "scripted"))

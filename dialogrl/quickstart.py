@@ -36,6 +36,9 @@ class QuickstartConfig:
     """Held-out test-split scenarios every method is evaluated on (the same seeds for all)."""
     eval_seed: int = 0
     """Seed of the held-out scenario draw."""
+    log_errors: dict[str, float] = field(default_factory=dict)
+    """Error rates of the historical agent that writes the logs and is evaluated as the ``historical`` reference
+    (``HistoricalErrors`` fields, e.g. ``{skip_verification: 0.7}``); empty: its defaults."""
     methods: list[str] = field(default_factory=lambda: ["sft", "sft-filtered", "ppo", "dpo"])
     """Trained methods, in order (ppo and dpo start from the same seed's sft run). ``ppo-rm``: PPO on a learned
     reward model alone (trained first on environment pairs, ``rm-s<seed>``), evaluated on true task success."""
@@ -86,8 +89,9 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     for rl in ("ppo", "dpo", "ppo-rm"):
         if rl in cfg.methods and cfg.methods.index(rl) < (cfg.methods + ["sft"]).index("sft"):
             raise DialogRLError(f"{rl} starts from the sft run: put 'sft' before '{rl}' in methods")
+    make_scripted("historical", errors=cfg.log_errors)  # bad rates fail before anything is written
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_same_job(cfg, out)
     timings: dict[str, float] = {}
     peak_rss_mb: dict[str, float] = {}  # the process's peak resident memory so far, after each step
 
@@ -108,7 +112,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         from dialogrl.cli import write_jsonl
 
         records = run_episodes(lambda: make_env("dialogrl/CustomerService-v0", split="train"),
-                               text_policy_act(make_scripted("historical", seed=0)),
+                               text_policy_act(make_scripted("historical", seed=0, errors=cfg.log_errors)),
                                scenario_seeds(10_000 + cfg.eval_seed, cfg.log_episodes), keep_messages=True)
         write_jsonl(records, logs)
     done("logs", t)
@@ -146,7 +150,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     for name in ("expert", "historical"):
         path = out / f"{name}.eval.json"
         if not path.exists():
-            write_json(evaluate(make_scripted(name), episodes=cfg.eval_episodes, seed=cfg.eval_seed), path)
+            policy = make_scripted(name, errors=cfg.log_errors if name == "historical" else None)
+            write_json(evaluate(policy, episodes=cfg.eval_episodes, seed=cfg.eval_seed), path)
         evals.append(path)
     done("scripted", t)
 
@@ -163,6 +168,26 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     print(f"\nreport: {out / 'report' / 'report.md'} (greedy decoding); sampled: {out / 'report_sampled'}")
     print(f"total {timings['total']:.0f} s")
     return report
+
+
+RESUMABLE = ("seeds", "methods", "baseline", "out")
+"""Settings a rerun in the same folder may change: every other one shaped outputs that are reused."""
+
+
+def _check_same_job(cfg: QuickstartConfig, out: Path) -> None:
+    """Steps whose outputs exist are skipped, so a rerun must not silently mix outputs of other settings."""
+    from dialogrl.config import config_to_dict
+    from dialogrl.evaluation import write_json
+
+    settings = {k: v for k, v in config_to_dict(cfg).items() if k not in RESUMABLE}
+    path = out / "quickstart.json"
+    if path.exists():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        for key, value in settings.items():
+            if before.get(key) != value:
+                raise DialogRLError(f"{out} holds a quickstart run with {key}={json.dumps(before.get(key))}, not "
+                                    f"{json.dumps(value)}: pass another out=DIR or delete {out}")
+    write_json(settings, path)  # a folder from before this file existed is adopted unchecked
 
 
 def _peak_rss_mb() -> float:
@@ -195,7 +220,8 @@ def _scripted_only(cfg: QuickstartConfig) -> dict[str, Any]:
     paths = []
     for name in ("random", "historical", "expert"):
         _step(f"{name}: {cfg.eval_episodes} held-out test scenarios")
-        paths.append(write_json(evaluate(make_scripted(name), episodes=cfg.eval_episodes, seed=cfg.eval_seed),
+        policy = make_scripted(name, errors=cfg.log_errors if name == "historical" else None)
+        paths.append(write_json(evaluate(policy, episodes=cfg.eval_episodes, seed=cfg.eval_seed),
                                 out / f"{name}.eval.json"))
     report = compare(paths, "historical", out / "report")
     print("\n" + format_table(report))

@@ -79,9 +79,13 @@ def new_cache(n_layers: int) -> Any:
 
 
 def weights_fingerprint(model: Any) -> tuple[Any, ...]:
-    """Changes whenever a parameter is replaced or updated in place (optimizer steps bump ``_version``). An
-    adapter switched off by a context manager changes no parameter: generation never runs under one here."""
-    return (id(model), *((id(p), p._version) for p in model.parameters()))
+    """Changes whenever a parameter is replaced or updated in place (optimizer steps bump ``_version``) and when
+    a PEFT adapter is switched off or swapped (``disable_adapter()``, ``set_adapter``), which changes no parameter."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adapters = tuple((m.disable_adapters, tuple(m.active_adapters)) for m in model.modules()
+                     if isinstance(m, BaseTunerLayer))
+    return (id(model), adapters, *((id(p), p._version) for p in model.parameters()))
 
 
 class PrefixStore:

@@ -148,7 +148,24 @@ class NoisyPolicy:
 SCRIPTED = {"expert": ExpertPolicy, "historical": HistoricalPolicy, "random": RandomPolicy, "noisy": NoisyPolicy}
 
 
-def make_scripted(name: str, seed: int = 0) -> ExpertPolicy | HistoricalPolicy | RandomPolicy:
+def historical_errors(rates: dict[str, float] | None = None) -> HistoricalErrors:
+    """``HistoricalErrors`` with some rates replaced; an unknown name or a rate outside [0, 1] is an error."""
+    known = HistoricalErrors.__dataclass_fields__
+    for key, value in (rates or {}).items():
+        if key not in known:
+            raise DialogRLError(f"unknown historical error rate '{key}'; known: {', '.join(known)}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+            raise DialogRLError(f"historical error rate '{key}' must be a number in [0, 1], got {value!r}")
+    return HistoricalErrors(**{k: float(v) for k, v in (rates or {}).items()})
+
+
+def make_scripted(name: str, seed: int = 0, errors: dict[str, float] | None = None
+                  ) -> ExpertPolicy | HistoricalPolicy | RandomPolicy | NoisyPolicy:
+    """A scripted agent by name; ``errors`` replaces some of the historical agent's error rates."""
     if name not in SCRIPTED:
         raise DialogRLError(f"unknown scripted policy '{name}'; known: {', '.join(SCRIPTED)}")
+    if errors and name != "historical":
+        raise DialogRLError(f"error rates apply to the historical agent only, not '{name}'")
+    if name == "historical":
+        return HistoricalPolicy(historical_errors(errors), seed=seed)
     return SCRIPTED[name]() if name == "expert" else SCRIPTED[name](seed=seed)

@@ -139,6 +139,14 @@ def test_logs_write_jsonl_that_datasets_loads(tmp_path: Path, monkeypatch: pytes
     assert 0.0 < rates < 1.0  # historical logs are of mixed quality
 
 
+def test_logs_of_a_historical_agent_with_other_error_rates(tmp_path: Path) -> None:
+    argv = ["logs", "--episodes", "30", "--seed", "3", "--out"]
+    assert main([*argv, str(tmp_path / "default.jsonl")]) == 0
+    assert main([*argv, str(tmp_path / "never.jsonl"), "--error", "skip_verification=1", "--error", "ramble=0"]) == 0
+    default, never = ((tmp_path / f"{n}.jsonl").read_text() for n in ("default", "never"))
+    assert "[verify" in default and "[verify" not in never
+
+
 def test_envs_and_rewards_commands_list_what_is_registered(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["envs"]) == 0
     listed = capsys.readouterr().out
@@ -167,6 +175,13 @@ BAD_INPUT: dict[str, tuple[list[str], list[str]]] = {
     "scenario_wrong_type": ([*EVAL, "--scenario", "wrong_type.yaml"], ["wrong_type.yaml", "order"]),
     "scenario_bad_placeholder": ([*EVAL, "--scenario", "bad_placeholder.yaml", "--intent", "refund"],
                                  ["bad_placeholder.yaml", "nokey"]),
+    "unknown_error_rate": (["eval", "--policy", "historical", "--episodes", "2", "--error", "skip_verify=0.5"],
+                           ["skip_verify", "skip_verification"]),
+    "error_rate_not_a_number": (["eval", "--policy", "historical", "--episodes", "2", "--error", "ramble=lots"],
+                                ["ramble=lots"]),
+    "error_rate_out_of_range": (["eval", "--policy", "historical", "--episodes", "2", "--error", "ramble=2"],
+                                ["ramble", "[0, 1]"]),
+    "error_rate_for_the_expert": ([*EVAL, "--error", "ramble=0.5"], ["historical", "expert"]),
 }
 EVAL_WRITES = {k for k, (argv, _) in BAD_INPUT.items() if argv[0] == "eval"}
 

@@ -47,3 +47,15 @@ def test_a_weight_update_drops_the_cache(policy: LMPolicy, make_corpus) -> None:
         next(p.model.parameters()).add_(0.0)  # an in-place update, as an optimizer step makes
     p._prefixes.sync(p.model)
     assert not p._prefixes.entries
+
+
+def test_switching_the_adapter_off_drops_the_cache(tiny_model_dir: Path, make_corpus) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    p = LMPolicy.from_pretrained(tiny_model_dir, generation=GenerationSettings(max_new_tokens=8))
+    p.model = get_peft_model(p.model, LoraConfig(r=2, target_modules="all-linear"))
+    p.generate([make_corpus(1, seed=5)[0][:2]])
+    assert p._prefixes.entries
+    with p.model.disable_adapter():  # the reference policy: no parameter changes, other outputs
+        p._prefixes.sync(p.model)
+        assert not p._prefixes.entries

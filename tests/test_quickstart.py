@@ -27,7 +27,7 @@ def _tiny_job(tmp_path: Path, **overrides: object):
         dpo=["rounds=1", "scenarios_per_round=4", "states_per_episode=1", "candidates=2", "max_turns=3",
              "max_new_tokens=12", "margin=0.0"],
         reward_model=["collect_episodes=8", "states_per_episode=1", "max_turns=3", "epochs=1", "eval_fraction=0.25"],
-        methods=["sft", "sft-filtered", "ppo", "dpo", "ppo-rm"])
+        methods=["sft", "sft-filtered", "ppo", "dpo", "ppo-rm"], log_errors={"skip_verification": 1.0})
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
@@ -56,10 +56,26 @@ def test_quickstart_runs_every_stage_and_reports_every_method(tmp_path: Path,
     assert run["config"]["rewards"] == ["dialogrl.rewards.reward_model:from_env"]
     assert Path(run["reward_model_dirs"]) == (out / "rm-s0").resolve() and (out / "rm-s0" / "run.json").is_file()
     assert os.environ.get("DIALOGRL_REWARD_MODEL") is None  # set for that run only
+    # The logs' author had the configured habit: it never verified anyone.
+    logs = (out / "logs" / "historical.jsonl").read_text()
+    assert "[lookup_order" in logs and "[verify" not in logs
 
     # A second run finds every output and skips the work (resume after an interruption).
     again = run_quickstart(cfg)
     assert again["methods"]["ppo"]["success_rate"] == report["methods"]["ppo"]["success_rate"]
+    # ... but not with settings that shaped those outputs.
+    with pytest.raises(DialogRLError, match=r"log_errors=\{\"skip_verification\": 1.0\}, not \{\}"):
+        run_quickstart(_tiny_job(tmp_path, log_errors={}))
+
+
+def test_bad_log_error_rates_fail_before_anything_is_written(tmp_path: Path) -> None:
+    from dialogrl.quickstart import run_quickstart
+
+    with pytest.raises(DialogRLError, match="unknown historical error rate 'skip_verify'"):
+        run_quickstart(_tiny_job(tmp_path, log_errors={"skip_verify": 0.5}))
+    with pytest.raises(DialogRLError, match=r"'ramble' must be a number in \[0, 1\], got 1.5"):
+        run_quickstart(_tiny_job(tmp_path, log_errors={"ramble": 1.5}))
+    assert not (tmp_path / "qs").exists()
 
 
 def test_rl_methods_need_sft_first(tmp_path: Path) -> None:
