@@ -11,17 +11,17 @@ transfers to true success (judged from the database, as for every method).
 
     python benchmarks/learning.py                    # 3 seeds (tens of minutes on 2 cores)
     python benchmarks/learning.py --seeds 1 --quick  # a smoke run: tiny budgets, says nothing about the claim
-    python benchmarks/learning.py --methods sft,sft-filtered,ppo,dpo --log-errors skip_verification=0.7 \
-        --work runs/learning-habits --out benchmarks/results/learning_habits.json  # logs with a habit
+    python benchmarks/learning.py --log-errors skip_verification=0.7 --work runs/learning-habits \
+        --out benchmarks/results/learning_habits.json  # logs whose author has a habit, not just slips
 
-Writes benchmarks/results/learning.json (and the full report under --work).
+Writes benchmarks/results/learning.json (and the full report under --work, with ``report_vs_filtered/``: every
+method against filtered SFT). A rerun on the same --work resumes: finished runs are reused.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,10 @@ RL_TARGET = 0.20
 SFT_TOLERANCE = 0.10
 
 
-def summarise(report: dict[str, Any], seconds: float, args: argparse.Namespace) -> dict[str, Any]:
-    """The benchmark's JSON: per-method success, each RL method's paired difference to SFT, targets met or not."""
+def summarise(report: dict[str, Any], seconds: float, args: argparse.Namespace,
+              vs_filtered: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The benchmark's JSON: per-method success, each RL method's paired difference to SFT (and to filtered SFT,
+    the stronger baseline, when it ran), targets met or not."""
     methods = report["methods"]
     rows = {name: {"success_rate": m["success_rate"], "success_ci95": m["success_ci"],
                    "mean_return": m["mean_return"], "violation_rate": m["violation_rate"],
@@ -41,6 +43,9 @@ def summarise(report: dict[str, Any], seconds: float, args: argparse.Namespace) 
                    **({"vs_sft": m["vs_baseline"]["success_rate"], "flags": m["flags"]}
                       if "vs_baseline" in m else {})}
             for name, m in methods.items()}
+    for name, m in (vs_filtered or {}).get("methods", {}).items():
+        if name in rows and "vs_baseline" in m and name not in ("expert", "historical"):
+            rows[name]["vs_sft_filtered"] = m["vs_baseline"]["success_rate"]
     targets: dict[str, Any] = {}
     for rl in ("ppo", "dpo"):
         if rl in rows:
@@ -83,9 +88,17 @@ def main() -> None:
         cfg.log_episodes, cfg.sft = 200, ["max_steps=20"]
         cfg.ppo, cfg.dpo = ["iterations=1", "episodes_per_iteration=16"], ["rounds=1", "scenarios_per_round=8"]
         cfg.reward_model = ["collect_episodes=40", "epochs=1"]
-    started = time.perf_counter()
     report = run_quickstart(cfg)
-    result = summarise(report, time.perf_counter() - started, args)
+    vs_filtered = None
+    if "sft-filtered" in cfg.methods:  # no target: says whether RL adds anything over filtered cloning
+        from dialogrl.report import compare
+
+        work = Path(args.work)
+        runs = [work / f"{m}-s{s}" / "eval.json" for m in cfg.methods for s in range(cfg.seeds)]
+        vs_filtered = compare(runs, "sft-filtered", work / "report_vs_filtered")
+    # Seconds of every step behind the results, earlier runs of a resumed benchmark included.
+    seconds = json.loads((Path(args.work) / "timings.json").read_text())["total"]
+    result = summarise(report, seconds, args, vs_filtered)
     write_json(result, Path(args.out))
     print(json.dumps(result["targets"], indent=1))
 

@@ -6,10 +6,12 @@ conversation at a time.
   Target >= 0.9.
 - ``batched_vs_sequential``: tokens/s of a batched rollout over one conversation at a time, same seeds.
   Target >= 5.
-- ``decode_ceiling_batched_vs_sequential``: what perfect batching could give on this model and CPU: tokens/s of
-  bare decoding steps (KV cache of the rollout's mean prompt length, every row yielding a token every step)
-  at the batch size over batch 1. A rollout cannot beat it: it also prefills prompts and waits for the longest
-  reply of each turn.
+- ``decode_ceiling_batched_vs_sequential``: tokens/s of bare decoding steps (KV cache of the rollout's mean
+  prompt length, every row yielding a token every step) at the batch size over batch 1.
+- ``ideal_batched_vs_sequential``: what perfect batching could give on this workload: a rollout also encodes
+  the new prompt text of every turn (customer and tool messages; ``prompt_tokens_per_generated_token``), and
+  encoding batches far less well than decoding. Seconds per generated token at batch 1 and at the batch size,
+  each = 1 / decoding tokens/s + prompt tokens per generated token / encoding tokens/s, both measured here.
 """
 
 from __future__ import annotations
@@ -73,6 +75,37 @@ def decode_step_tps(policy: LMPolicy, batch: int, context: int, steps: int = 30)
     return batch * steps / seconds
 
 
+def encode_tps(policy: LMPolicy, batch: int, context: int, new_tokens: int, repeats: int = 5) -> float:
+    """Tokens/s of encoding ``new_tokens`` per row after a ``context``-token cache (a turn's new prompt text)."""
+    from dialogrl.policies.kv_reuse import new_cache
+
+    model, times = policy.model, []
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for _ in range(repeats):
+            cache = new_cache(model.config.num_hidden_layers)
+            model(input_ids=torch.randint(5, model.config.vocab_size, (batch, context), generator=generator),
+                  cache=cache, use_cache=True)
+            new = torch.randint(5, model.config.vocab_size, (batch, new_tokens), generator=generator)
+            start = time.perf_counter()
+            model(input_ids=new, attention_mask=torch.ones(batch, context + new_tokens, dtype=torch.long),
+                  cache=cache, use_cache=True)
+            times.append(time.perf_counter() - start)
+    return batch * new_tokens / sorted(times)[len(times) // 2]
+
+
+def new_prompt_tokens(samples: list) -> int:
+    """Prompt tokens a turn adds to what the conversation's cache already holds (its previous prompt + reply)."""
+    total, before = 0, {}
+    for s in sorted(samples, key=lambda s: (s.episode, s.turn)):
+        prev, k = before.get(s.episode, []), 0
+        while k < min(len(prev), len(s.prompt_ids)) and prev[k] == s.prompt_ids[k]:
+            k += 1
+        total += len(s.prompt_ids) - k
+        before[s.episode] = s.prompt_ids + s.response_ids
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", help="local model dir (default: the cached bootstrap base model)")
@@ -111,6 +144,10 @@ def main() -> None:
     seq_tps, bat_tps = one.generated_tokens / one.seconds, many.generated_tokens / many.seconds
     context = round(sum(len(s.prompt_ids) for s in many.samples) / len(many.samples))
     step_one, step_many = decode_step_tps(policy, 1, context), decode_step_tps(policy, args.batch, context)
+    prompt_ratio = new_prompt_tokens(many.samples) / many.generated_tokens
+    per_turn = round(new_prompt_tokens(many.samples) / len(many.samples))
+    enc_one, enc_many = encode_tps(policy, 1, context, per_turn), encode_tps(policy, args.batch, context, per_turn)
+    ideal = (1 / step_one + prompt_ratio / enc_one) / (1 / step_many + prompt_ratio / enc_many)
 
     result = {
         "model": str(args.model), "params": sum(p.numel() for p in policy.model.parameters()),
@@ -121,12 +158,16 @@ def main() -> None:
         "batched_vs_sequential": bat_tps / seq_tps, "batched_vs_sequential_target": 5.0,
         "decode_context_tokens": context, "decode_step_tokens_per_sec": {"1": step_one, str(args.batch): step_many},
         "decode_ceiling_batched_vs_sequential": step_many / step_one,
+        "prompt_tokens_per_generated_token": prompt_ratio, "new_prompt_tokens_per_turn": per_turn,
+        "encode_tokens_per_sec": {"1": enc_one, str(args.batch): enc_many},
+        "ideal_batched_vs_sequential": ideal,
         "python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
     }
     result["met"] = result["rollout_vs_raw"] >= 0.9 and result["batched_vs_sequential"] >= 5.0
     write_json(result, Path(args.out))
     for key in ("rollout_tokens_per_sec", "raw_generate_tokens_per_sec", "rollout_vs_raw", "sequential_tokens_per_sec",
-                "batched_tokens_per_sec", "batched_vs_sequential", "decode_ceiling_batched_vs_sequential", "met"):
+                "batched_tokens_per_sec", "batched_vs_sequential", "decode_ceiling_batched_vs_sequential",
+                "prompt_tokens_per_generated_token", "ideal_batched_vs_sequential", "met"):
         print(f"{key:30s} {result[key]}")
 
 

@@ -92,11 +92,17 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     make_scripted("historical", errors=cfg.log_errors)  # bad rates fail before anything is written
     out = Path(cfg.out)
     _check_same_job(cfg, out)
+    # Seconds and peak memory of the run that produced each step's output: a resumed job keeps the numbers
+    # of the steps it skipped.
+    before = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
     timings: dict[str, float] = {}
     peak_rss_mb: dict[str, float] = {}  # the process's peak resident memory so far, after each step
 
-    def done(step: str, t: float) -> None:
-        timings[step], peak_rss_mb[step] = time.perf_counter() - t, _peak_rss_mb()
+    def done(step: str, t: float, skipped: bool = False) -> None:
+        if skipped and step in before:
+            timings[step], peak_rss_mb[step] = before[step], before.get("peak_rss_mb", {}).get(step, 0.0)
+        else:
+            timings[step], peak_rss_mb[step] = time.perf_counter() - t, _peak_rss_mb()
     started = time.perf_counter()
 
     t = _step("base model (built once, then cached)")
@@ -108,20 +114,22 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
 
     t = _step("historical logs (train split)")
     logs = out / "logs" / "historical.jsonl"
-    if not logs.exists():
+    logs_existed = logs.exists()
+    if not logs_existed:
         from dialogrl.cli import write_jsonl
 
         records = run_episodes(lambda: make_env("dialogrl/CustomerService-v0", split="train"),
                                text_policy_act(make_scripted("historical", seed=0, errors=cfg.log_errors)),
                                scenario_seeds(10_000 + cfg.eval_seed, cfg.log_episodes), keep_messages=True)
         write_jsonl(records, logs)
-    done("logs", t)
+    done("logs", t, skipped=logs_existed)
 
     evals: list[Path] = []
     for seed in range(cfg.seeds):
         for method in cfg.methods:
             run_dir = out / f"{method}-s{seed}"
             t = _step(f"{method}, training seed {seed}")
+            existed = (run_dir / "run.json").exists() and (run_dir / "eval.json").exists()
             if not (run_dir / "run.json").exists():
                 if method.startswith("sft"):
                     overrides = [f"model={base_dir}", f"train_file={logs}", f"seed={seed}",
@@ -144,16 +152,17 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
             if not (run_dir / "eval.json").exists():
                 evaluate_run(run_dir, cfg.eval_episodes, cfg.eval_seed, method=method, training_seed=seed)
             evals += [run_dir / "eval.json", run_dir / "eval_sampled.json"]
-            done(f"{method}-s{seed}", t)
+            done(f"{method}-s{seed}", t, skipped=existed)
 
     t = _step("scripted references")
+    scripted_existed = all((out / f"{name}.eval.json").exists() for name in ("expert", "historical"))
     for name in ("expert", "historical"):
         path = out / f"{name}.eval.json"
         if not path.exists():
             policy = make_scripted(name, errors=cfg.log_errors if name == "historical" else None)
             write_json(evaluate(policy, episodes=cfg.eval_episodes, seed=cfg.eval_seed), path)
         evals.append(path)
-    done("scripted", t)
+    done("scripted", t, skipped=scripted_existed)
 
     t = _step("comparison report")
     report = compare([p for p in evals if p.name == "eval.json" or ".eval." in p.name], cfg.baseline,
@@ -162,11 +171,13 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     if sampled:
         compare(sampled, cfg.baseline, out / "report_sampled")
     done("report", t)
-    timings["total"] = time.perf_counter() - started
-    write_json({**timings, "peak_rss_mb": peak_rss_mb}, out / "timings.json")
+    wall = time.perf_counter() - started
+    timings["total"] = sum(timings.values())
+    invocations = [*before.get("invocations", [before["total"]] if "total" in before else []), round(wall, 1)]
+    write_json({**timings, "peak_rss_mb": peak_rss_mb, "invocations": invocations}, out / "timings.json")
     print("\n" + format_table(report))
     print(f"\nreport: {out / 'report' / 'report.md'} (greedy decoding); sampled: {out / 'report_sampled'}")
-    print(f"total {timings['total']:.0f} s")
+    print(f"total {wall:.0f} s (all steps, including earlier runs of this folder: {timings['total']:.0f} s)")
     return report
 
 

@@ -63,6 +63,9 @@ def test_quickstart_runs_every_stage_and_reports_every_method(tmp_path: Path,
     # A second run finds every output and skips the work (resume after an interruption).
     again = run_quickstart(cfg)
     assert again["methods"]["ppo"]["success_rate"] == report["methods"]["ppo"]["success_rate"]
+    resumed = json.loads((out / "timings.json").read_text())  # the skipped steps keep their first-run numbers
+    assert resumed["ppo-s0"] == timings["ppo-s0"] and resumed["peak_rss_mb"]["ppo-s0"] == timings["peak_rss_mb"]["ppo-s0"]
+    assert len(resumed["invocations"]) == 2
     # ... but not with settings that shaped those outputs.
     with pytest.raises(DialogRLError, match=r"log_errors=\{\"skip_verification\": 1.0\}, not \{\}"):
         run_quickstart(_tiny_job(tmp_path, log_errors={}))
