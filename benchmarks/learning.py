@@ -63,7 +63,9 @@ def summarise(report: dict[str, Any], seconds: float, args: argparse.Namespace,
 
 
 def main() -> None:
+    from dialogrl.policies.scripted import parse_error_rates
     from dialogrl.quickstart import QuickstartConfig, run_quickstart
+    from dialogrl.types import DialogRLError
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per method")
@@ -75,12 +77,9 @@ def main() -> None:
                         help="error rates of the historical agent behind the logs (HistoricalErrors fields)")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the plumbing only")
     args = parser.parse_args()
-    rates = dict(item.split("=", 1) for item in args.log_errors if "=" in item)
-    if len(rates) != len(args.log_errors):
-        parser.error(f"--log-errors takes NAME=RATE items, got {args.log_errors}")
     try:
-        args.log_errors = {k: float(v) for k, v in rates.items()}
-    except ValueError as exc:
+        args.log_errors = parse_error_rates(args.log_errors)
+    except DialogRLError as exc:
         parser.error(f"--log-errors: {exc}")
     cfg = QuickstartConfig(out=args.work, seeds=args.seeds, eval_episodes=args.episodes,
                            methods=args.methods.split(","), log_errors=args.log_errors)

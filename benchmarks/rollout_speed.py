@@ -144,8 +144,8 @@ def main() -> None:
     seq_tps, bat_tps = one.generated_tokens / one.seconds, many.generated_tokens / many.seconds
     context = round(sum(len(s.prompt_ids) for s in many.samples) / len(many.samples))
     step_one, step_many = decode_step_tps(policy, 1, context), decode_step_tps(policy, args.batch, context)
-    prompt_ratio = new_prompt_tokens(many.samples) / many.generated_tokens
-    per_turn = round(new_prompt_tokens(many.samples) / len(many.samples))
+    prompt_tokens = new_prompt_tokens(many.samples)
+    prompt_ratio, per_turn = prompt_tokens / many.generated_tokens, round(prompt_tokens / len(many.samples))
     enc_one, enc_many = encode_tps(policy, 1, context, per_turn), encode_tps(policy, args.batch, context, per_turn)
     ideal = (1 / step_one + prompt_ratio / enc_one) / (1 / step_many + prompt_ratio / enc_many)
 

@@ -117,26 +117,13 @@ def _error_args(p: argparse.ArgumentParser) -> None:
                    help="an error rate of the historical agent (HistoricalErrors field), e.g. skip_verification=0.7")
 
 
-def _error_rates(items: list[str]) -> dict[str, float]:
-    rates = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        try:
-            rates[name.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep:
-            raise DialogRLError(f"--error takes NAME=RATE (e.g. skip_verification=0.7), got '{item}'")
-    return rates
-
-
 def _load_policy(spec: str, seed: int, errors: list[str] | None = None) -> Any:
-    from dialogrl.policies.scripted import SCRIPTED, make_scripted
+    from dialogrl.policies.scripted import SCRIPTED, make_scripted, parse_error_rates
 
     if errors and spec != "historical":
         raise DialogRLError(f"--error sets the historical agent's error rates; the policy is '{spec}'")
     if spec in SCRIPTED:
-        return make_scripted(spec, seed=seed, errors=_error_rates(errors or []))
+        return make_scripted(spec, seed=seed, errors=parse_error_rates(errors or []))
     if Path(spec).is_dir():
         from dialogrl.policies.lm import LMPolicy
 

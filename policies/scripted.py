@@ -159,6 +159,20 @@ def historical_errors(rates: dict[str, float] | None = None) -> HistoricalErrors
     return HistoricalErrors(**{k: float(v) for k, v in (rates or {}).items()})
 
 
+def parse_error_rates(items: list[str]) -> dict[str, float]:
+    """``["skip_verification=0.7", ...]`` (command-line ``NAME=RATE`` items) as a dict; names are checked later."""
+    rates = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            rates[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise DialogRLError(f"error rates are NAME=RATE (e.g. skip_verification=0.7), got '{item}'")
+    return rates
+
+
 def make_scripted(name: str, seed: int = 0, errors: dict[str, float] | None = None
                   ) -> ExpertPolicy | HistoricalPolicy | RandomPolicy | NoisyPolicy:
     """A scripted agent by name; ``errors`` replaces some of the historical agent's error rates."""
