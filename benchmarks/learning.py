@@ -58,7 +58,8 @@ def summarise(report: dict[str, Any], seconds: float, args: argparse.Namespace,
         targets["sft_imitates_logs"] = {"target": f"|sft - historical| <= {SFT_TOLERANCE}", "gap": gap,
                                         "met": abs(gap) <= SFT_TOLERANCE}
     return {"benchmark": "learning", "decoding": "greedy", "seeds": args.seeds, "methods_run": args.methods,
-            "eval_episodes": args.episodes, "log_errors": args.log_errors, "quick": args.quick, "seconds": round(seconds, 1), "methods": rows, "targets": targets,
+            "eval_episodes": args.episodes, "log_errors": args.log_errors, "quick": args.quick,
+            "seconds": round(seconds, 1), "methods": rows, "targets": targets,
             "ceiling": rows.get("expert", {}).get("success_rate")}
 
 
