@@ -107,6 +107,9 @@ class DPOConfig:
     """Held-out test-split episodes evaluated at the end, greedy and sampled (0: skip)."""
     eval_seed: int = 0
     """Seed of the held-out scenario draw (same as other methods' evaluations for paired comparison)."""
+    method: str = "dpo"
+    """Method name of this run in its run.json and evaluations, and so in ``dialogrl compare`` (runs sharing a
+    name pool as training seeds of one method: give a variant its own name)."""
 
     def __post_init__(self) -> None:
         if self.continuation not in ("greedy", "sampled"):
@@ -133,7 +136,7 @@ def main_dpo(config_path: str | None, overrides: list[str]) -> Path:
     cfg = load_config(DPOConfig, config_path, overrides)
     out = train_dpo(cfg)
     if cfg.eval_episodes:
-        evaluate_run(out, cfg.eval_episodes, cfg.eval_seed, method="dpo", training_seed=cfg.seed,
+        evaluate_run(out, cfg.eval_episodes, cfg.eval_seed, method=cfg.method, training_seed=cfg.seed,
                      max_turns=cfg.max_turns)
     return out
 
@@ -317,7 +320,7 @@ def _save(cfg: DPOConfig, trainer: Any, start_dir: Path, tmp: Path, target: Path
     data["base_model_name_or_path"] = str((target / "base").resolve()) if merged else base_ref
     adapter_cfg.write_text(json.dumps(data, indent=2))
     dump_config(cfg, tmp / "config.yaml")
-    run = {"method": "dpo", "base_model": base_ref, "adapter": "adapter", "seed": cfg.seed,
+    run = {"method": cfg.method, "base_model": base_ref, "adapter": "adapter", "seed": cfg.seed,
            "init_adapter": cfg.init_adapter, "preference_file": cfg.preference_file,
            "pairs_files": sorted(str(p.relative_to(tmp)) for p in (tmp / "pairs").glob("*.jsonl")),
            "config": config_to_dict(cfg), "history": history, "versions": package_versions()}

@@ -104,6 +104,9 @@ class PPOConfig:
     """Held-out test-split episodes evaluated at the end (0: skip)."""
     eval_seed: int = 0
     """Seed of the held-out scenario draw (same as other methods' evaluations for paired comparison)."""
+    method: str = "ppo"
+    """Method name of this run in its run.json and evaluations, and so in ``dialogrl compare`` (runs sharing a
+    name pool as training seeds of one method: give a variant its own name)."""
     env_batch: int = 64
     """Environments stepped side by side per process."""
 
@@ -343,7 +346,7 @@ def main_ppo(config_path: str | None, overrides: list[str]) -> Path:
     out = train_ppo(cfg)
     dump_config(cfg, out / "config.yaml")
     if cfg.eval_episodes:
-        evaluate_run(out, cfg.eval_episodes, cfg.eval_seed, method="ppo", training_seed=cfg.seed,
+        evaluate_run(out, cfg.eval_episodes, cfg.eval_seed, method=cfg.method, training_seed=cfg.seed,
                      max_turns=cfg.max_turns)
     return out
 

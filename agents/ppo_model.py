@@ -171,7 +171,7 @@ def save_run(inner: PolicyWithValue, start_dir: Path, cfg: PPOConfig, state: dic
     inner.policy.save_pretrained(out / "adapter")
     torch.save(inner.value_head.state_dict(), out / "value_head.pt")
     base_ref = "base" if start_dir.resolve() == (out / "base").resolve() else str(start_dir)
-    run = {"method": "ppo", "base_model": base_ref, "adapter": "adapter", "seed": cfg.seed,
+    run = {"method": cfg.method, "base_model": base_ref, "adapter": "adapter", "seed": cfg.seed,
            "config": dataclasses.asdict(cfg), "history": state["history"], "versions": package_versions()}
     if os.environ.get(ENV_PATHS) and any("reward_model" in str(r) for r in cfg.rewards or []):
         run["reward_model_dirs"] = os.environ[ENV_PATHS]  # what the learned-reward spec resolved to

@@ -142,7 +142,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
                 elif method == "ppo-rm":
                     rm_dir = _reward_model(cfg, out / f"rm-s{seed}", base_dir, seed)
                     overrides = [f"init_adapter={out / f'sft-s{seed}'}", f"seed={seed}", f"output_dir={run_dir}",
-                                 "eval_episodes=0", *cfg.ppo, f"rewards={json.dumps([LEARNED_REWARD])}"]
+                                 "eval_episodes=0", *cfg.ppo, f"rewards={json.dumps([LEARNED_REWARD])}",
+                                 "method=ppo-rm"]
                     with patch.dict(os.environ, {ENV_PATHS: str(rm_dir.resolve())}):  # restored after
                         train_ppo(load_config(PPOConfig, None, overrides))
                 else:

@@ -118,11 +118,12 @@ def test_one_dpo_round_end_to_end(tiny_model_dir: Path, tmp_path: Path, brevity_
     overrides = [f"model={tiny_model_dir}", f"init_adapter={sft_adapter}", f"output_dir={out}", "rounds=1",
                  "scenarios_per_round=6", "states_per_episode=1", "candidates=3", "max_turns=2",
                  "max_new_tokens=16", f"rewards=[{brevity_reward}]", "intents=[order_status]", "margin=0.05",
-                 "learning_rate=3e-3", "batch_size=4", "epochs=2", "eval_episodes=3"]
+                 "learning_rate=3e-3", "batch_size=4", "epochs=2", "eval_episodes=3", "method=dpo-brevity"]
     assert main_dpo(None, overrides) == out
     assert sorted(p.name for p in out.parent.iterdir()) == ["dpo"]  # no temp dir left behind
     run = json.loads((out / "run.json").read_text())
-    assert run["method"] == "dpo" and run["base_model"] == "base" and run["adapter"] == "adapter"
+    assert json.loads((out / "eval.json").read_text())["method"] == "dpo-brevity"  # a variant keeps its own name
+    assert run["method"] == "dpo-brevity" and run["base_model"] == "base" and run["adapter"] == "adapter"
     (row,) = run["history"]
     assert row["pairs_kept"] > 0 and row["pairs_trained"] > 0 and row["margin_min"] >= 0.05
     assert 0.0 <= row["on_policy_success"] <= 1.0
