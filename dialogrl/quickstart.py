@@ -90,6 +90,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         if rl in cfg.methods and cfg.methods.index(rl) < (cfg.methods + ["sft"]).index("sft"):
             raise DialogRLError(f"{rl} starts from the sft run: put 'sft' before '{rl}' in methods")
     make_scripted("historical", errors=cfg.log_errors)  # bad rates fail before anything is written
+    base_cfg = load_config(BootstrapConfig, None, [f"{k}={json.dumps(v)}" for k, v in cfg.base.items()])
     out = Path(cfg.out)
     _check_same_job(cfg, out)
     # Seconds and peak memory of the run that produced each step's output: a resumed job keeps the numbers
@@ -106,7 +107,6 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     started = time.perf_counter()
 
     t = _step("base model (built once, then cached)")
-    base_cfg = load_config(BootstrapConfig, None, [f"{k}={json.dumps(v)}" for k, v in cfg.base.items()])
     base_dir = cached_base_model(base_cfg, lambda: domain_corpus(base_cfg.corpus_episodes, base_cfg.seed),
                                  corpus_version=CORPUS_VERSION)
     print(f"base model: {base_dir}")

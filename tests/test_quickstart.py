@@ -78,6 +78,8 @@ def test_bad_log_error_rates_fail_before_anything_is_written(tmp_path: Path) -> 
         run_quickstart(_tiny_job(tmp_path, log_errors={"skip_verify": 0.5}))
     with pytest.raises(DialogRLError, match=r"'ramble' must be a number in \[0, 1\], got 1.5"):
         run_quickstart(_tiny_job(tmp_path, log_errors={"ramble": 1.5}))
+    with pytest.raises(DialogRLError, match="n_layers"):
+        run_quickstart(_tiny_job(tmp_path, base={"n_layers": 2}))  # BootstrapConfig calls it n_layer
     assert not (tmp_path / "qs").exists()
 
 
