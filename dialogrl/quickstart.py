@@ -91,6 +91,11 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
             raise DialogRLError(f"{rl} starts from the sft run: put 'sft' before '{rl}' in methods")
     make_scripted("historical", errors=cfg.log_errors)  # bad rates fail before anything is written
     base_cfg = load_config(BootstrapConfig, None, [f"{k}={json.dumps(v)}" for k, v in cfg.base.items()])
+    from dialogrl.agents.reward_model_train import RewardModelConfig
+
+    for config_cls, step_overrides in ((SFTConfig, cfg.sft), (PPOConfig, cfg.ppo), (DPOConfig, cfg.dpo),
+                                       (RewardModelConfig, cfg.reward_model)):
+        load_config(config_cls, None, step_overrides)  # a typo fails now, not after the base model and SFT
     out = Path(cfg.out)
     _check_same_job(cfg, out)
     # Seconds and peak memory of the run that produced each step's output: a resumed job keeps the numbers

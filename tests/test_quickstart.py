@@ -80,6 +80,8 @@ def test_bad_log_error_rates_fail_before_anything_is_written(tmp_path: Path) -> 
         run_quickstart(_tiny_job(tmp_path, log_errors={"ramble": 1.5}))
     with pytest.raises(DialogRLError, match="n_layers"):
         run_quickstart(_tiny_job(tmp_path, base={"n_layers": 2}))  # BootstrapConfig calls it n_layer
+    with pytest.raises(DialogRLError, match="unknown key 'iteration'"):
+        run_quickstart(_tiny_job(tmp_path, ppo=["iteration=1"]))
     assert not (tmp_path / "qs").exists()
 
 
