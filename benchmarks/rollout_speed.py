@@ -55,18 +55,23 @@ def raw_generate_tps(policy: LMPolicy, batches: list[list[list[int]]], settings:
     return tokens / seconds
 
 
-def decode_step_tps(policy: LMPolicy, batch: int, context: int, steps: int = 30) -> float:
-    """Tokens/s of bare decoding steps at ``batch`` rows over a ``context``-token cache (no sampling, no env)."""
+def _primed(model: torch.nn.Module, batch: int, context: int, generator: torch.Generator) -> object:
+    """The rollouts' cache (appends in place), filled with ``context`` random tokens per row."""
     from dialogrl.policies.kv_reuse import new_cache
 
-    model = policy.model
-    generator = torch.Generator().manual_seed(0)
+    cache = new_cache(model.config.num_hidden_layers)
     ids = torch.randint(5, model.config.vocab_size, (batch, context), generator=generator)
-    mask = torch.ones(batch, context + steps + 1, dtype=torch.long)
+    model(input_ids=ids, cache=cache, use_cache=True)
+    return cache
+
+
+def decode_step_tps(policy: LMPolicy, batch: int, context: int, steps: int = 30) -> float:
+    """Tokens/s of bare decoding steps at ``batch`` rows over a ``context``-token cache (no sampling, no env)."""
+    model, generator = policy.model, torch.Generator().manual_seed(0)
+    mask = torch.ones(batch, context + steps, dtype=torch.long)
     with torch.inference_mode():
-        cache = new_cache(model.config.num_hidden_layers)  # the cache the rollouts use (appends in place)
-        out = model(input_ids=ids, attention_mask=mask[:, :context], cache=cache, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
+        cache = _primed(model, batch, context, generator)
+        token = torch.randint(5, model.config.vocab_size, (batch, 1), generator=generator)
         start = time.perf_counter()
         for step in range(steps):
             out = model(input_ids=token, attention_mask=mask[:, :context + step + 1], cache=cache, use_cache=True)
@@ -76,20 +81,16 @@ def decode_step_tps(policy: LMPolicy, batch: int, context: int, steps: int = 30)
 
 
 def encode_tps(policy: LMPolicy, batch: int, context: int, new_tokens: int, repeats: int = 5) -> float:
-    """Tokens/s of encoding ``new_tokens`` per row after a ``context``-token cache (a turn's new prompt text)."""
-    from dialogrl.policies.kv_reuse import new_cache
-
-    model, times = policy.model, []
-    generator = torch.Generator().manual_seed(0)
+    """Tokens/s of encoding ``new_tokens`` per row after a ``context``-token cache (a turn's new prompt text);
+    the median of ``repeats``."""
+    model, generator, times = policy.model, torch.Generator().manual_seed(0), []
+    mask = torch.ones(batch, context + new_tokens, dtype=torch.long)
     with torch.inference_mode():
         for _ in range(repeats):
-            cache = new_cache(model.config.num_hidden_layers)
-            model(input_ids=torch.randint(5, model.config.vocab_size, (batch, context), generator=generator),
-                  cache=cache, use_cache=True)
+            cache = _primed(model, batch, context, generator)
             new = torch.randint(5, model.config.vocab_size, (batch, new_tokens), generator=generator)
             start = time.perf_counter()
-            model(input_ids=new, attention_mask=torch.ones(batch, context + new_tokens, dtype=torch.long),
-                  cache=cache, use_cache=True)
+            model(input_ids=new, attention_mask=mask, cache=cache, use_cache=True)
             times.append(time.perf_counter() - start)
     return batch * new_tokens / sorted(times)[len(times) // 2]
 

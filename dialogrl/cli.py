@@ -120,10 +120,10 @@ def _error_args(p: argparse.ArgumentParser) -> None:
 def _load_policy(spec: str, seed: int, errors: list[str] | None = None) -> Any:
     from dialogrl.policies.scripted import SCRIPTED, make_scripted, parse_error_rates
 
-    if errors and spec != "historical":
-        raise DialogRLError(f"--error sets the historical agent's error rates; the policy is '{spec}'")
     if spec in SCRIPTED:
         return make_scripted(spec, seed=seed, errors=parse_error_rates(errors or []))
+    if errors:
+        raise DialogRLError(f"--error sets the historical agent's error rates; the policy is '{spec}'")
     if Path(spec).is_dir():
         from dialogrl.policies.lm import LMPolicy
 

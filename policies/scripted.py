@@ -165,11 +165,11 @@ def parse_error_rates(items: list[str]) -> dict[str, float]:
     for item in items:
         name, sep, value = item.partition("=")
         try:
+            if not sep:
+                raise ValueError(item)
             rates[name.strip()] = float(value)
         except ValueError:
-            sep = ""
-        if not sep:
-            raise DialogRLError(f"error rates are NAME=RATE (e.g. skip_verification=0.7), got '{item}'")
+            raise DialogRLError(f"error rates are NAME=RATE (e.g. skip_verification=0.7), got '{item}'") from None
     return rates
 
 
