@@ -101,8 +101,8 @@ class DPOConfig:
     """Modules that get LoRA adapters: a list of names, or ``all-linear`` (every linear layer but the output head)."""
     max_length: int = 0
     """Tokens per prompt + reply (0: the model's context). Longer prompts lose their oldest turns (system kept)."""
-    torch_threads: int = 1
-    """CPU threads for torch during the run (0: torch's default); one is often fastest on small models."""
+    torch_threads: int = 0
+    """CPU threads for torch during the run (0: the process's setting, torch's default being every core)."""
     eval_episodes: int = 200
     """Held-out test-split episodes evaluated at the end, greedy and sampled (0: skip)."""
     eval_seed: int = 0

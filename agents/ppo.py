@@ -185,12 +185,18 @@ def prepare(module: PolicyWithValue, batch: RolloutBatch, cfg: PPOConfig, kl_coe
 def ppo_backward(module: nn.Module, data: Prepared, idx: list[int], cfg: PPOConfig, accelerator: Any
                  ) -> dict[str, float]:
     """Clipped policy loss + clipped value loss over the reply tokens of the samples ``idx``, back-propagated
-    ``FORWARD_CHUNK`` samples at a time (memory) with each part weighted by its share of the tokens, so the
+    ``FORWARD_CHUNK`` episodes at a time (memory) with each part weighted by its share of the tokens, so the
     accumulated gradient is that of the token mean over all of ``idx``."""
     total = sum(len(data.samples[i].response_ids) for i in idx)
-    idx = sorted(idx, key=lambda i: len(data.samples[i].prompt_ids) + len(data.samples[i].response_ids))  # less pad
+    # Whole episodes per part (their turns share one forward pass), longest last turn last (less padding).
+    episodes: dict[int, list[int]] = {}
+    for i in idx:
+        episodes.setdefault(data.samples[i].episode, []).append(i)
+    ranked = sorted(episodes.values(), key=lambda e: max(len(data.samples[i].prompt_ids)
+                                                         + len(data.samples[i].response_ids) for i in e))
+    chunks = [[i for e in ranked[start:start + FORWARD_CHUNK] for i in e]
+              for start in range(0, len(ranked), FORWARD_CHUNK)]
     parts = {"pg_loss": 0.0, "vf_loss": 0.0, "clipfrac": 0.0}
-    chunks = [idx[start:start + FORWARD_CHUNK] for start in range(0, len(idx), FORWARD_CHUNK)]
     for k, chunk in enumerate(chunks):
         logp, values, _ = forward_samples(module, [data.samples[i] for i in chunk], cfg.temperature, grad=True)
         old_logp = torch.cat([data.old_logp[i] for i in chunk])

@@ -47,39 +47,72 @@ class PolicyWithValue(nn.Module):
         return LMPolicy(self.policy, tokenizer, settings, name="ppo")
 
 
+def shared_sequences(samples: list[TurnSample]) -> tuple[list[list[int]], list[tuple[int, int, int]]]:
+    """The token sequences to run and, per sample, (sequence, begin, end): its reply tokens are predicted at
+    positions ``begin:end`` of that sequence.
+
+    A turn's prompt starts with the previous turn's prompt and reply, so one forward pass over an episode's last
+    turn yields the log-probs of every earlier turn too (a causal model's outputs at a position do not depend on
+    later tokens). Turns whose tokens are not a prefix of a later turn's (a truncated prompt, a reply that
+    re-tokenized differently) get their own sequence. Hand-written: no library groups multi-turn samples so.
+    """
+    order = sorted(range(len(samples)), key=lambda i: (samples[i].episode, -samples[i].turn))
+    sequences: list[list[int]] = []
+    where: list[tuple[int, int, int]] = [(0, 0, 0)] * len(samples)
+    episode = None
+    for i in order:
+        s = samples[i]
+        seq = s.prompt_ids + s.response_ids
+        if s.episode != episode or sequences[-1][:len(seq)] != seq:
+            sequences.append(seq)
+        episode = s.episode
+        where[i] = (len(sequences) - 1, len(s.prompt_ids) - 1, len(seq) - 1)
+    return sequences, where
+
+
 def forward_samples(module: nn.Module, samples: list[TurnSample], temperature: float, with_values: bool = True,
                     grad: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
     """Log-probs (at ``temperature``) and values of each sample's reply tokens; also the mean token entropy.
 
-    Sequences are right-padded, so positions match the unpadded sequences for learned position embeddings.
-    The value of reply token j is read at the position just before it (the state in which it was chosen).
+    Sequences are right-padded, so positions match the unpadded sequences. The value of reply token j is read at
+    the position just before it (the state in which it was chosen). Without ``grad`` the sequences run
+    ``FORWARD_CHUNK`` at a time, shortest first (less padding); with it, in one pass.
     """
     pad_id = getattr(module, "pad_id", None) or getattr(getattr(module, "module", None), "pad_id", 0)
-    chunk = len(samples) if grad else FORWARD_CHUNK
-    logps: list[torch.Tensor] = []
-    values: list[torch.Tensor] = []
-    entropy_sum, tokens = 0.0, 0
-    for start in range(0, len(samples), chunk):
-        part = samples[start:start + chunk]
-        seqs = [s.prompt_ids + s.response_ids for s in part]
-        width = max(len(s) for s in seqs)
+    sequences, where = shared_sequences(samples)
+    by_length = sorted(range(len(sequences)), key=lambda k: len(sequences[k]))
+    chunk = len(sequences) if grad else FORWARD_CHUNK
+    token_logp: list[torch.Tensor] = [torch.zeros(0)] * len(sequences)
+    seq_values: list[torch.Tensor | None] = [None] * len(sequences)
+    logp_rows: list[torch.Tensor] = [torch.zeros(0)] * len(sequences)
+    for start in range(0, len(by_length), chunk):
+        part = by_length[start:start + chunk]
+        width = max(len(sequences[k]) for k in part)
         ids = torch.full((len(part), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(part), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            ids[row, :len(seq)] = torch.tensor(seq)
-            mask[row, :len(seq)] = 1
+        for row, k in enumerate(part):
+            ids[row, :len(sequences[k])] = torch.tensor(sequences[k])
+            mask[row, :len(sequences[k])] = 1
         with torch.set_grad_enabled(grad):
             logits, vals = module(ids, mask, with_values)
             logp_all = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-            token_logp = logp_all.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-            for row, s in enumerate(part):
-                begin, end = len(s.prompt_ids) - 1, len(s.prompt_ids) + len(s.response_ids) - 1
-                logps.append(token_logp[row, begin:end])
-                values.append(vals[row, begin:end] if vals is not None else torch.zeros(end - begin))
-                if not grad:
-                    probs = logp_all[row, begin:end].exp()
-                    entropy_sum += float(-(probs * logp_all[row, begin:end]).sum())
-                    tokens += end - begin
+            chosen = logp_all.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        for row, k in enumerate(part):
+            token_logp[k] = chosen[row]
+            seq_values[k] = vals[row] if vals is not None else None
+            if not grad:
+                logp_rows[k] = logp_all[row]
+    logps: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    entropy_sum, tokens = 0.0, 0
+    for k, begin, end in where:
+        logps.append(token_logp[k][begin:end])
+        v = seq_values[k]
+        values.append(v[begin:end] if v is not None else torch.zeros(end - begin))
+        if not grad:
+            rows = logp_rows[k][begin:end]
+            entropy_sum += float(-(rows.exp() * rows).sum())
+            tokens += end - begin
     if not grad:
         logps = [x.detach() for x in logps]
         values = [x.detach() for x in values]

@@ -94,8 +94,8 @@ class RewardModelConfig:
     """Modules that get LoRA adapters (names, or ``all-linear``); the score head is always trained."""
     max_length: int = 0
     """Tokens per scored conversation, cut from the left (0: the model's context)."""
-    torch_threads: int = 1
-    """CPU threads for torch during the run (0: torch's default)."""
+    torch_threads: int = 0
+    """CPU threads for torch during the run (0: the process's setting, torch's default being every core)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.eval_fraction < 1.0:

@@ -80,9 +80,10 @@ class SFTConfig:
     """Steps between training-loss records."""
     eval_steps: int = 50
     """Steps between validation-loss evaluations (and best-checkpoint candidates)."""
-    torch_threads: int = 1
-    """CPU threads for torch during training; 0 keeps torch's default. On small models and busy shared cores,
-    one thread is often many times faster than several (threads wait on each other)."""
+    torch_threads: int = 0
+    """CPU threads for torch during training; 0 keeps the process's setting (torch's default: every core). With
+    the default base model on 2 free cores, 2 threads train 1.6x faster than 1; on cores busy with other work,
+    one thread can be faster (threads wait on each other)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.eval_fraction < 1.0:

@@ -81,6 +81,8 @@ class BootstrapConfig:
     """Linear warm-up steps."""
     weight_decay: float = 0.01
     """AdamW weight decay on matrices."""
+    bf16: bool = False
+    """Run the training forward pass under bfloat16 autocast (weights and optimizer stay float32)."""
     seed: int = 0
     """Seeds the corpus (via the caller), the weight init and the batch order."""
     corpus_episodes: int = 30000
@@ -102,6 +104,8 @@ class BootstrapConfig:
 
     def cache_key(self, corpus_version: str = "") -> str:
         fields = {k: v for k, v in asdict(self).items() if k != "num_threads"}
+        if not self.bf16:  # keys of float32 builds predate the field
+            del fields["bf16"]
         payload = json.dumps({"config": fields, "corpus": corpus_version, "build": BUILD_VERSION},
                              sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -270,7 +274,8 @@ def _fit(config: BootstrapConfig, tokenizer: Any, conversations: list[list[Messa
     for _ in bar:
         pick = starts[torch.randint(len(starts), (config.batch_size,), generator=generator)]
         batch = stream[pick[:, None] + window[None, :]]
-        loss = model(input_ids=batch, labels=batch).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            loss = model(input_ids=batch, labels=batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -111,3 +111,35 @@ def test_torchrun_two_processes(tiny_model_dir: Path, tmp_path: Path, brevity_re
     run = json.loads((out / "run.json").read_text())
     assert len(run["history"]) == 2
     assert (out / "adapter" / "adapter_config.json").exists()
+
+
+def test_one_forward_per_episode_matches_one_per_turn(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from dialogrl.agents.ppo_model import build_policy, forward_samples, shared_sequences
+    from dialogrl.agents.rollouts import TurnSample
+
+    cfg = PPOConfig(model=str(tiny_model_dir), output_dir=str(tmp_path))
+    torch.manual_seed(0)
+    module, _ = build_policy(cfg, tiny_model_dir, None)
+    torch.nn.init.normal_(module.value_head.weight)  # non-zero values, so their slicing is checked too
+    module.eval()
+    rng = np.random.default_rng(0)
+
+    def ids(n: int) -> list[int]:
+        return rng.integers(10, 300, n).tolist()
+
+    p0, r0 = ids(20), ids(5)
+    p1, r1 = p0 + r0 + ids(7), ids(6)
+    p2, r2 = ids(30), ids(4)  # a truncated prompt: not an extension of turn 1, so a pass of its own
+    samples = [TurnSample(0, 0, p0, r0, 0.0, False), TurnSample(0, 1, p1, r1, 0.0, False),
+               TurnSample(0, 2, p2, r2, 1.0, True), TurnSample(1, 0, ids(12), ids(3), 1.0, True)]
+    sequences, where = shared_sequences(samples)
+    assert len(sequences) == 3 and where[0][0] == where[1][0] != where[2][0]
+    shared_logp, shared_v, shared_h = forward_samples(module, samples, 1.0)
+    for i, sample in enumerate(samples):
+        alone_logp, alone_v, _ = forward_samples(module, [sample], 1.0)
+        assert len(shared_logp[i]) == len(sample.response_ids)
+        assert torch.allclose(shared_logp[i], alone_logp[0], atol=1e-5)
+        assert torch.allclose(shared_v[i], alone_v[0], atol=1e-5)
+    grad_logp, _, _ = forward_samples(module, samples, 1.0, grad=True)
+    assert all(torch.allclose(g.detach(), s, atol=1e-5) for g, s in zip(grad_logp, shared_logp, strict=True))
+    assert shared_h > 0
