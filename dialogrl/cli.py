@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", required=True, help="expert | historical | random | a run directory")
     p.add_argument("--repeats", type=_count, default=1, help="episodes per scenario (for pass^k)")
     p.add_argument("--out", type=Path)
-    p.add_argument("--method", help="method name in reports (default: the policy's name)")
+    p.add_argument("--method", help="method name in reports (default: the run's method, else the policy's name)")
+    p.add_argument("--decoding", choices=["greedy", "sampled"],
+                   help="replies of a language-model run directory (default: greedy)")
     _error_args(p)
     _env_args(p, "test")
 
@@ -131,6 +133,15 @@ def _load_policy(spec: str, seed: int, errors: list[str] | None = None) -> Any:
     raise DialogRLError(f"unknown policy '{spec}'; use one of {', '.join(SCRIPTED)} or a run directory")
 
 
+def _run_info(run_dir: Path) -> dict[str, Any]:
+    """``run.json`` of a training run directory ({} for an adapter or model directory)."""
+    try:
+        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def _cmd_logs(args: argparse.Namespace) -> None:
     from dialogrl.evaluation import make_env, require_text_env, run_episodes, scenario_seeds, text_policy_act
 
@@ -166,11 +177,28 @@ def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from dialogrl.evaluation import evaluate, write_json
+    from dialogrl.policies.scripted import SCRIPTED
 
-    policy = _load_policy(args.policy, args.seed, args.errors)
+    method, training_seed, decoding = args.method, None, "scripted"
+    if args.policy in SCRIPTED:
+        if args.decoding:
+            raise DialogRLError(f"--decoding applies to language-model run directories, not '{args.policy}'")
+        policy = _load_policy(args.policy, args.seed, args.errors)
+    else:
+        from dialogrl.policies.lm import LMPolicy
+
+        if args.errors:
+            raise DialogRLError(f"--error sets the historical agent's error rates; the policy is '{args.policy}'")
+        if not Path(args.policy).is_dir():
+            raise DialogRLError(f"unknown policy '{args.policy}'; use one of {', '.join(SCRIPTED)} or a run "
+                                f"directory")
+        decoding = args.decoding or "greedy"
+        policy = LMPolicy.from_run_dir(args.policy, decoding=decoding)
+        run = _run_info(Path(args.policy))  # name and seed as recorded, so `compare` pools training seeds
+        method, training_seed = method or run.get("method"), run.get("seed")
     result = evaluate(policy, args.env, split=args.split, episodes=args.episodes, seed=args.seed,
-                      repeats=args.repeats, env_kwargs=_env_kwargs(args), method=args.method,
-                      decoding=getattr(policy, "decoding", "scripted"))
+                      repeats=args.repeats, env_kwargs=_env_kwargs(args), method=method, decoding=decoding,
+                      training_seed=training_seed if isinstance(training_seed, int) else None)
     print(format_metrics({result["method"]: result}))
     if args.out:
         write_json(result, args.out)

@@ -65,6 +65,27 @@ def test_eval_json_has_the_documented_keys_and_consistent_metrics(tmp_path: Path
             assert g["success_rate"] == pytest.approx(np.mean([r["success"] for r in mine]))
 
 
+def test_eval_of_a_run_directory_records_its_method_seed_and_decoding(tiny_model_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "sft-s3"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"method": "sft", "seed": 3, "base_model": str(tiny_model_dir),
+                                              "config": {"max_new_tokens": 8}}))
+    (run / "adapter").mkdir()
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, local_files_only=True)
+    get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"])).save_pretrained(
+        run / "adapter")
+    args = ("--policy", str(run), "--episodes", "3", "--max-turns", "2")
+    greedy = run_eval(tmp_path, *args, name="greedy.json")
+    sampled = run_eval(tmp_path, *args, "--decoding", "sampled", name="sampled.json")
+    named = run_eval(tmp_path, *args, "--method", "mine", name="named.json")
+    assert (greedy["method"], greedy["training_seed"], greedy["decoding"]) == ("sft", 3, "greedy")
+    assert (sampled["method"], sampled["decoding"]) == ("sft", "sampled")
+    assert named["method"] == "mine"
+
+
 def test_same_seed_pairs_policies_on_the_same_scenarios(tmp_path: Path) -> None:
     expert = run_eval(tmp_path, "--policy", "expert", "--episodes", "25", "--seed", "7", name="a.json")
     rand = run_eval(tmp_path, "--policy", "random", "--episodes", "25", "--seed", "7", name="b.json")
@@ -182,6 +203,7 @@ BAD_INPUT: dict[str, tuple[list[str], list[str]]] = {
     "error_rate_out_of_range": (["eval", "--policy", "historical", "--episodes", "2", "--error", "ramble=2"],
                                 ["ramble", "[0, 1]"]),
     "error_rate_for_the_expert": ([*EVAL, "--error", "ramble=0.5"], ["historical", "expert"]),
+    "decoding_for_the_expert": ([*EVAL, "--decoding", "sampled"], ["--decoding", "expert"]),
 }
 EVAL_WRITES = {k for k, (argv, _) in BAD_INPUT.items() if argv[0] == "eval"}
 
