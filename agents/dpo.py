@@ -35,6 +35,7 @@ import numpy as np
 
 from dialogrl.agents.lora import lora_config
 from dialogrl.agents.preferences import collect_pairs, write_pairs
+from dialogrl.agents.trl_args import cpu_trainer_args
 from dialogrl.config import config_to_dict, dump_config, load_config
 from dialogrl.data import load_preference_pairs
 from dialogrl.evaluation import checked_env_kwargs, make_env, scenario_seeds
@@ -252,7 +253,7 @@ def _train_round(cfg: DPOConfig, start_dir: Path, tokenizer: Any, rows: list[dic
     if not data:
         return None, 0
     args = TRLDPOConfig(
-        output_dir=str(tmp / "trainer"), use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        output_dir=str(tmp / "trainer"), **cpu_trainer_args(TRLDPOConfig),
         report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
         beta=cfg.beta, loss_type=[cfg.loss_type], learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.batch_size, max_length=max_length, lr_scheduler_type="constant",

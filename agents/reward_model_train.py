@@ -29,6 +29,7 @@ from typing import Any
 
 from dialogrl.agents.lora import lora_config
 from dialogrl.agents.preferences import collect_pairs, write_pairs
+from dialogrl.agents.trl_args import cpu_trainer_args
 from dialogrl.config import config_to_dict, dump_config, load_config
 from dialogrl.data import load_preference_pairs
 from dialogrl.evaluation import checked_env_kwargs, make_env, scenario_seeds
@@ -266,7 +267,7 @@ def _train(cfg: RewardModelConfig, base: Path, train: list[dict[str, Any]], held
                                                                        max_length)} for r in rows])
 
     args = RewardConfig(
-        output_dir=str(tmp / "trainer"), use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        output_dir=str(tmp / "trainer"), **cpu_trainer_args(RewardConfig),
         report_to=[], save_strategy="no", logging_steps=5, disable_tqdm=True, dataloader_num_workers=0,
         learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, eval_strategy="epoch", max_length=None,

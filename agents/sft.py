@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dialogrl.agents.lora import lora_config
+from dialogrl.agents.trl_args import cpu_trainer_args
 from dialogrl.agents.versions import package_versions
 from dialogrl.config import config_to_dict, dump_config, load_config
 from dialogrl.data import DEFAULT_SYSTEM_PROMPT, filter_success, load_conversations
@@ -219,7 +220,7 @@ def _train(config: SFTConfig, train_rows: list[dict], eval_rows: list[dict], tmp
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
     args = TRLSFTConfig(
         output_dir=str(tmp / "trainer"),
-        use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, report_to=[],
+        **cpu_trainer_args(TRLSFTConfig), report_to=[],
         assistant_only_loss=True, max_length=config.max_length, packing=False,
         max_steps=config.max_steps, num_train_epochs=config.num_train_epochs,
         per_device_train_batch_size=config.per_device_train_batch_size,
@@ -227,7 +228,7 @@ def _train(config: SFTConfig, train_rows: list[dict], eval_rows: list[dict], tmp
         learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
         weight_decay=config.weight_decay, seed=config.seed, data_seed=config.seed,
         logging_steps=config.logging_steps, logging_first_step=True, disable_tqdm=True,
-        dataloader_num_workers=0, **eval_kwargs, **_no_checkpointing(TRLSFTConfig),
+        dataloader_num_workers=0, **eval_kwargs,
     )
     peft_config = lora_config(model, config.lora_target_modules, r=config.lora_r, alpha=config.lora_alpha,
                               dropout=config.lora_dropout)
@@ -302,12 +303,6 @@ def _fit_to_length(tokenizer: Any, template: str, rows: list[dict], max_length: 
         if 1 in encoded["assistant_masks"][:max_length]:
             kept.append(row["messages"])
     return kept, len(rows) - len(kept)
-
-
-def _no_checkpointing(args_cls: type) -> dict[str, bool]:
-    """Transformers 5 renamed gradient checkpointing; set the new name too so no deprecation warning fires."""
-    fields = getattr(args_cls, "__dataclass_fields__", {})
-    return {"activation_checkpointing": False} if "activation_checkpointing" in fields else {}
 
 
 def _first_line(exc: BaseException) -> str:
