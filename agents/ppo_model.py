@@ -80,11 +80,14 @@ def forward_samples(module: nn.Module, samples: list[TurnSample], temperature: f
     """
     pad_id = getattr(module, "pad_id", None) or getattr(getattr(module, "module", None), "pad_id", 0)
     sequences, where = shared_sequences(samples)
+    slices: list[list[tuple[int, int]]] = [[] for _ in sequences]  # per sequence, its samples' reply positions
+    for k, begin, end in where:
+        slices[k].append((begin, end))
     by_length = sorted(range(len(sequences)), key=lambda k: len(sequences[k]))
     chunk = len(sequences) if grad else FORWARD_CHUNK
     token_logp: list[torch.Tensor] = [torch.zeros(0)] * len(sequences)
     seq_values: list[torch.Tensor | None] = [None] * len(sequences)
-    logp_rows: list[torch.Tensor] = [torch.zeros(0)] * len(sequences)
+    entropy_sum, tokens = 0.0, 0
     for start in range(0, len(by_length), chunk):
         part = by_length[start:start + chunk]
         width = max(len(sequences[k]) for k in part)
@@ -101,18 +104,16 @@ def forward_samples(module: nn.Module, samples: list[TurnSample], temperature: f
             token_logp[k] = chosen[row]
             seq_values[k] = vals[row] if vals is not None else None
             if not grad:
-                logp_rows[k] = logp_all[row]
+                for begin, end in slices[k]:
+                    rows = logp_all[row, begin:end]
+                    entropy_sum += float(-(rows.exp() * rows).sum())
+                    tokens += end - begin
     logps: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
-    entropy_sum, tokens = 0.0, 0
     for k, begin, end in where:
         logps.append(token_logp[k][begin:end])
         v = seq_values[k]
         values.append(v[begin:end] if v is not None else torch.zeros(end - begin))
-        if not grad:
-            rows = logp_rows[k][begin:end]
-            entropy_sum += float(-(rows.exp() * rows).sum())
-            tokens += end - begin
     if not grad:
         logps = [x.detach() for x in logps]
         values = [x.detach() for x in values]

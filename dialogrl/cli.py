@@ -119,7 +119,7 @@ def _error_args(p: argparse.ArgumentParser) -> None:
                    help="an error rate of the historical agent (HistoricalErrors field), e.g. skip_verification=0.7")
 
 
-def _load_policy(spec: str, seed: int, errors: list[str] | None = None) -> Any:
+def _load_policy(spec: str, seed: int, errors: list[str] | None = None, decoding: str = "greedy") -> Any:
     from dialogrl.policies.scripted import SCRIPTED, make_scripted, parse_error_rates
 
     if spec in SCRIPTED:
@@ -129,7 +129,7 @@ def _load_policy(spec: str, seed: int, errors: list[str] | None = None) -> Any:
     if Path(spec).is_dir():
         from dialogrl.policies.lm import LMPolicy
 
-        return LMPolicy.from_run_dir(spec)
+        return LMPolicy.from_run_dir(spec, decoding=decoding)
     raise DialogRLError(f"unknown policy '{spec}'; use one of {', '.join(SCRIPTED)} or a run directory")
 
 
@@ -179,23 +179,13 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from dialogrl.evaluation import evaluate, write_json
     from dialogrl.policies.scripted import SCRIPTED
 
-    method, training_seed, decoding = args.method, None, "scripted"
-    if args.policy in SCRIPTED:
-        if args.decoding:
-            raise DialogRLError(f"--decoding applies to language-model run directories, not '{args.policy}'")
-        policy = _load_policy(args.policy, args.seed, args.errors)
-    else:
-        from dialogrl.policies.lm import LMPolicy
-
-        if args.errors:
-            raise DialogRLError(f"--error sets the historical agent's error rates; the policy is '{args.policy}'")
-        if not Path(args.policy).is_dir():
-            raise DialogRLError(f"unknown policy '{args.policy}'; use one of {', '.join(SCRIPTED)} or a run "
-                                f"directory")
-        decoding = args.decoding or "greedy"
-        policy = LMPolicy.from_run_dir(args.policy, decoding=decoding)
-        run = _run_info(Path(args.policy))  # name and seed as recorded, so `compare` pools training seeds
-        method, training_seed = method or run.get("method"), run.get("seed")
+    scripted = args.policy in SCRIPTED
+    if scripted and args.decoding:
+        raise DialogRLError(f"--decoding applies to language-model run directories, not '{args.policy}'")
+    decoding = "scripted" if scripted else args.decoding or "greedy"
+    policy = _load_policy(args.policy, args.seed, args.errors, decoding)
+    run = {} if scripted else _run_info(Path(args.policy))  # the recorded name and seed: compare pools seeds
+    method, training_seed = args.method or run.get("method"), run.get("seed")
     result = evaluate(policy, args.env, split=args.split, episodes=args.episodes, seed=args.seed,
                       repeats=args.repeats, env_kwargs=_env_kwargs(args), method=method, decoding=decoding,
                       training_seed=training_seed if isinstance(training_seed, int) else None)

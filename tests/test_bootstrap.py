@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,14 @@ def test_cache_builds_once_per_config_and_is_deterministic(tmp_path: Path, monke
     other = cached_base_model(cfg, corpus, cache_dir=tmp_path / "other", corpus_version="t1", progress=False)
     assert (other / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
     assert BootstrapConfig.tiny().cache_key("t1") != cfg.cache_key("t1") != cfg.cache_key("t2")
+
+    # bf16 autocast is another build (another key, other weights); float32 keys are those from before the field.
+    half = replace(cfg, bf16=True)
+    built = cached_base_model(half, corpus, corpus_version="t1", progress=False)
+    assert built != first and (built / "model.safetensors").read_bytes() != (first / "model.safetensors").read_bytes()
+    assert json.loads((built / "bootstrap.json").read_text())["stats"]["final_loss"] < \
+        json.loads((built / "bootstrap.json").read_text())["stats"]["first_loss"]
+    assert BootstrapConfig().cache_key("v7") == "f1534436a5d51693"  # the cached default model stays valid
 
 
 def test_cache_root_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
