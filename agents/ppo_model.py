@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from dialogrl.agents.rollouts import TurnSample
 
 FORWARD_CHUNK = 16
-"""Samples per no-grad forward pass (bounds the memory of the logits)."""
+"""Sequences per no-grad forward pass, and episodes per backward part (bounds the memory of the logits)."""
 
 
 class PolicyWithValue(nn.Module):
