@@ -105,8 +105,8 @@ def test_cache_builds_once_per_config_and_is_deterministic(tmp_path: Path, monke
     half = replace(cfg, bf16=True)
     built = cached_base_model(half, corpus, corpus_version="t1", progress=False)
     assert built != first and (built / "model.safetensors").read_bytes() != (first / "model.safetensors").read_bytes()
-    assert json.loads((built / "bootstrap.json").read_text())["stats"]["final_loss"] < \
-        json.loads((built / "bootstrap.json").read_text())["stats"]["first_loss"]
+    stats = json.loads((built / "bootstrap.json").read_text())["stats"]
+    assert stats["final_loss"] < stats["first_loss"]
     assert BootstrapConfig().cache_key("v7") == "f1534436a5d51693"  # the cached default model stays valid
 
 
