@@ -81,12 +81,16 @@ class SFTConfig:
     """Steps between training-loss records."""
     eval_steps: int = 50
     """Steps between validation-loss evaluations (and best-checkpoint candidates)."""
+    method: str = ""
+    """Name in evaluations and reports (runs sharing it pool as training seeds); empty: ``sft``, or
+    ``sft-filtered`` with ``filter_success``."""
     torch_threads: int = 0
     """CPU threads for torch during training; 0 keeps the process's setting (torch's default: every core). With
     the default base model on 2 free cores, 2 threads train 1.6x faster than 1; on cores busy with other work,
     one thread can be faster (threads wait on each other)."""
 
     def __post_init__(self) -> None:
+        self.method = self.method or ("sft-filtered" if self.filter_success else "sft")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise DialogRLError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.max_steps == 0 or self.max_steps < -1:
@@ -106,11 +110,6 @@ class SFTConfig:
     def train_files(self) -> list[str]:
         """``train_file`` as a list."""
         return [self.train_file] if isinstance(self.train_file, str) else list(self.train_file)
-
-    @property
-    def method(self) -> str:
-        """``sft`` or ``sft-filtered``."""
-        return "sft-filtered" if self.filter_success else "sft"
 
 
 def main_sft(config_path: str | None, overrides: list[str]) -> Path:

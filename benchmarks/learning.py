@@ -1,9 +1,12 @@
 """Does RL beat the supervised baseline on held-out conversations? The product's central claim, measured.
 
-Runs the quickstart pipeline (cached base model -> historical logs -> SFT -> filtered SFT -> PPO -> DPO, and
-PPO on a learned reward model instead of the rule reward, ``ppo-rm``) for several training seeds, evaluates every run greedily on the same held-out test-split scenarios, and compares each
-method with SFT: paired bootstrap 95% CIs over the shared scenarios, training seeds pooled. The scripted expert is
-the ceiling, the historical agent (whose logs SFT imitates) the reference SFT should land near.
+Runs the quickstart pipeline (cached base model -> historical logs -> SFT -> filtered SFT -> PPO -> DPO, PPO on
+a learned reward model instead of the rule reward, ``ppo-rm``, and SFT on the scripted expert's logs of the same
+customers, ``sft-expert``) for several training seeds, evaluates every run greedily on the same held-out
+test-split scenarios, and compares each method with SFT: paired bootstrap 95% CIs over the shared scenarios,
+training seeds pooled. The scripted expert is the ceiling, the historical agent (whose logs SFT imitates) the
+reference SFT should land near, and ``sft-expert`` the imitation ceiling: what this base model reaches by
+imitating flawless behaviour, so how much the logs' mistakes leave for RL to win.
 
 Targets (issues 3-5): PPO and DPO each beat SFT by >= 0.20 held-out success with the CI's low end above 0;
 SFT lands within +-0.10 of the historical agent. ``ppo-rm`` has no target: it shows whether the learned reward
@@ -14,8 +17,9 @@ transfers to true success (judged from the database, as for every method).
     python benchmarks/learning.py --log-errors skip_verification=0.7 --work runs/learning-habits \
         --out benchmarks/results/learning_habits.json  # logs whose author has a habit, not just slips
 
-Writes benchmarks/results/learning.json (and the full report under --work, with ``report_vs_filtered/``: every
-method against filtered SFT). A rerun on the same --work resumes: finished runs are reused.
+Writes benchmarks/results/learning.json (and the full report under --work, with ``report_vs_filtered/`` and
+``report_vs_expert_logs/``: every method against filtered SFT and against SFT on the expert's logs). A rerun on
+the same --work resumes: finished runs are reused.
 """
 
 from __future__ import annotations
@@ -32,9 +36,9 @@ SFT_TOLERANCE = 0.10
 
 
 def summarise(report: dict[str, Any], seconds: float, args: argparse.Namespace,
-              vs_filtered: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The benchmark's JSON: per-method success, each RL method's paired difference to SFT (and to filtered SFT,
-    the stronger baseline, when it ran), targets met or not."""
+              vs_other: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The benchmark's JSON: per-method success, each method's paired difference to SFT (and to filtered SFT and
+    SFT on the expert's logs when they ran: ``vs_sft_filtered``, ``vs_sft_expert``), targets met or not."""
     methods = report["methods"]
     rows = {name: {"success_rate": m["success_rate"], "success_ci95": m["success_ci"],
                    "mean_return": m["mean_return"], "violation_rate": m["violation_rate"],
@@ -43,9 +47,10 @@ def summarise(report: dict[str, Any], seconds: float, args: argparse.Namespace,
                    **({"vs_sft": m["vs_baseline"]["success_rate"], "flags": m["flags"]}
                       if "vs_baseline" in m else {})}
             for name, m in methods.items()}
-    for name, m in (vs_filtered or {}).get("methods", {}).items():
-        if name in rows and "vs_baseline" in m and name not in ("expert", "historical"):
-            rows[name]["vs_sft_filtered"] = m["vs_baseline"]["success_rate"]
+    for baseline, other in (vs_other or {}).items():
+        for name, m in other["methods"].items():
+            if name in rows and "vs_baseline" in m and name not in ("expert", "historical"):
+                rows[name][f"vs_{baseline.replace('-', '_')}"] = m["vs_baseline"]["success_rate"]
     targets: dict[str, Any] = {}
     for rl in ("ppo", "dpo"):
         if rl in rows:
@@ -60,7 +65,10 @@ def summarise(report: dict[str, Any], seconds: float, args: argparse.Namespace,
     return {"benchmark": "learning", "decoding": "greedy", "seeds": args.seeds, "methods_run": args.methods,
             "eval_episodes": args.episodes, "log_errors": args.log_errors, "quick": args.quick,
             "seconds": round(seconds, 1), "methods": rows, "targets": targets,
-            "ceiling": rows.get("expert", {}).get("success_rate")}
+            "ceiling": rows.get("expert", {}).get("success_rate"),
+            # SFT on flawless logs of the same customers: what imitation can reach on this base model, so the room
+            # the logs' mistakes leave RL over SFT (RL beyond it would be learning what no demonstration shows).
+            "imitation_ceiling": rows.get("sft-expert", {}).get("success_rate")}
 
 
 def main() -> None:
@@ -73,7 +81,8 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=200, help="held-out test scenarios")
     parser.add_argument("--work", default="runs/learning-benchmark", help="run directories and the full report")
     parser.add_argument("--out", default="benchmarks/results/learning.json")
-    parser.add_argument("--methods", default="sft,sft-filtered,ppo,dpo,ppo-rm", help="comma-separated, in order")
+    parser.add_argument("--methods", default="sft,sft-filtered,ppo,dpo,ppo-rm,sft-expert",
+                        help="comma-separated, in order")
     parser.add_argument("--log-errors", nargs="*", default=[], metavar="NAME=RATE",
                         help="error rates of the historical agent behind the logs (HistoricalErrors fields)")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the plumbing only")
@@ -89,16 +98,17 @@ def main() -> None:
         cfg.ppo, cfg.dpo = ["iterations=1", "episodes_per_iteration=16"], ["rounds=1", "scenarios_per_round=8"]
         cfg.reward_model = ["collect_episodes=40", "epochs=1"]
     report = run_quickstart(cfg)
-    vs_filtered = None
-    if "sft-filtered" in cfg.methods:  # no target: says whether RL adds anything over filtered cloning
-        from dialogrl.report import compare
+    # No targets: whether RL adds anything over filtered cloning, and over imitating flawless logs.
+    from dialogrl.report import compare
 
-        work = Path(args.work)
-        runs = [work / f"{m}-s{s}" / "eval.json" for m in cfg.methods for s in range(cfg.seeds)]
-        vs_filtered = compare(runs, "sft-filtered", work / "report_vs_filtered")
+    work = Path(args.work)
+    runs = [work / f"{m}-s{s}" / "eval.json" for m in cfg.methods for s in range(cfg.seeds)]
+    vs_other = {name: compare(runs, name, work / f"report_vs_{folder}")
+                for name, folder in (("sft-filtered", "filtered"), ("sft-expert", "expert_logs"))
+                if name in cfg.methods}
     # Seconds of every step behind the results, earlier runs of a resumed benchmark included.
     seconds = json.loads((Path(args.work) / "timings.json").read_text())["total"]
-    result = summarise(report, seconds, args, vs_filtered)
+    result = summarise(report, seconds, args, vs_other)
     write_json(result, Path(args.out))
     print(json.dumps(result["targets"], indent=1))
 

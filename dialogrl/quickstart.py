@@ -17,7 +17,7 @@ from unittest.mock import patch
 from dialogrl.rewards.reward_model import ENV_PATHS
 from dialogrl.types import DialogRLError
 
-METHODS = ("sft", "sft-filtered", "ppo", "dpo", "ppo-rm")
+METHODS = ("sft", "sft-filtered", "ppo", "dpo", "ppo-rm", "sft-expert")
 LEARNED_REWARD = "dialogrl.rewards.reward_model:from_env"
 """The reward spec ``ppo-rm`` trains on: the reward model(s) named by $DIALOGRL_REWARD_MODEL, nothing else."""
 
@@ -41,7 +41,10 @@ class QuickstartConfig:
     (``HistoricalErrors`` fields, e.g. ``{skip_verification: 0.7}``); empty: its defaults."""
     methods: list[str] = field(default_factory=lambda: ["sft", "sft-filtered", "ppo", "dpo"])
     """Trained methods, in order (ppo and dpo start from the same seed's sft run). ``ppo-rm``: PPO on a learned
-    reward model alone (trained first on environment pairs, ``rm-s<seed>``), evaluated on true task success."""
+    reward model alone (trained first on environment pairs, ``rm-s<seed>``), evaluated on true task success.
+    ``sft-expert``: SFT on the scripted expert's conversations with the same customers, a diagnostic (real logs
+    have no such author): what imitating flawless behaviour gives this base model, so how much room the logs'
+    mistakes leave RL over SFT."""
     base: dict[str, Any] = field(default_factory=dict)
     """Overrides of the bootstrap base-model config (BootstrapConfig fields)."""
     sft: list[str] = field(default_factory=list)
@@ -117,16 +120,19 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     print(f"base model: {base_dir}")
     done("base", t)
 
-    t = _step("historical logs (train split)")
-    logs = out / "logs" / "historical.jsonl"
-    logs_existed = logs.exists()
-    if not logs_existed:
-        from dialogrl.cli import write_jsonl
+    t = _step("conversation logs (train split)")
+    logs, expert_logs = out / "logs" / "historical.jsonl", out / "logs" / "expert.jsonl"
+    authors = [(logs, "historical")] + [(expert_logs, "expert")] * ("sft-expert" in cfg.methods)
+    logs_existed = all(path.exists() for path, _ in authors)
+    for path, author in authors:
+        if not path.exists():  # both authors meet the same customers
+            from dialogrl.cli import write_jsonl
 
-        records = run_episodes(lambda: make_env("dialogrl/CustomerService-v0", split="train"),
-                               text_policy_act(make_scripted("historical", seed=0, errors=cfg.log_errors)),
-                               scenario_seeds(10_000 + cfg.eval_seed, cfg.log_episodes), keep_messages=True)
-        write_jsonl(records, logs)
+            policy = make_scripted(author, seed=0, errors=cfg.log_errors if author == "historical" else None)
+            records = run_episodes(lambda: make_env("dialogrl/CustomerService-v0", split="train"),
+                                   text_policy_act(policy), scenario_seeds(10_000 + cfg.eval_seed, cfg.log_episodes),
+                                   keep_messages=True)
+            write_jsonl(records, path)
     done("logs", t, skipped=logs_existed)
 
     evals: list[Path] = []
@@ -137,8 +143,10 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
             existed = (run_dir / "run.json").exists() and (run_dir / "eval.json").exists()
             if not (run_dir / "run.json").exists():
                 if method.startswith("sft"):
-                    overrides = [f"model={base_dir}", f"train_file={logs}", f"seed={seed}",
-                                 f"output_dir={run_dir}", f"filter_success={method == 'sft-filtered'}", *cfg.sft]
+                    overrides = [f"model={base_dir}", f"seed={seed}",
+                                 f"train_file={expert_logs if method == 'sft-expert' else logs}",
+                                 f"output_dir={run_dir}", f"filter_success={method == 'sft-filtered'}",
+                                 f"method={method}", *cfg.sft]
                     train_sft(load_config(SFTConfig, None, overrides))
                 elif method == "ppo":
                     overrides = [f"init_adapter={out / f'sft-s{seed}'}", f"seed={seed}", f"output_dir={run_dir}",

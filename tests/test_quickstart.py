@@ -27,7 +27,7 @@ def _tiny_job(tmp_path: Path, **overrides: object):
         dpo=["rounds=1", "scenarios_per_round=4", "states_per_episode=1", "candidates=2", "max_turns=3",
              "max_new_tokens=12", "margin=0.0"],
         reward_model=["collect_episodes=8", "states_per_episode=1", "max_turns=3", "epochs=1", "eval_fraction=0.25"],
-        methods=["sft", "sft-filtered", "ppo", "dpo", "ppo-rm"], log_errors={"skip_verification": 1.0})
+        methods=["sft", "sft-filtered", "ppo", "dpo", "ppo-rm", "sft-expert"], log_errors={"skip_verification": 1.0})
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
@@ -41,8 +41,9 @@ def test_quickstart_runs_every_stage_and_reports_every_method(tmp_path: Path,
     cfg = _tiny_job(tmp_path)
     report = run_quickstart(cfg)
     out = Path(cfg.out)
-    assert set(report["methods"]) == {"sft", "sft-filtered", "ppo", "dpo", "ppo-rm", "expert", "historical"}
-    for method in ("sft-filtered", "ppo", "dpo", "ppo-rm"):
+    assert set(report["methods"]) == {"sft", "sft-filtered", "ppo", "dpo", "ppo-rm", "sft-expert", "expert",
+                                      "historical"}
+    for method in ("sft-filtered", "ppo", "dpo", "ppo-rm", "sft-expert"):
         vs = report["methods"][method]["vs_baseline"]
         assert vs["shared_scenarios"] == 6 and vs["success_rate"]["low"] <= vs["success_rate"]["high"]
     for name in ("report.md", "report.json", "report.png"):
@@ -59,6 +60,12 @@ def test_quickstart_runs_every_stage_and_reports_every_method(tmp_path: Path,
     # The logs' author had the configured habit: it never verified anyone.
     logs = (out / "logs" / "historical.jsonl").read_text()
     assert "[lookup_order" in logs and "[verify" not in logs
+    # sft-expert learned from the expert's conversations with the same customers, under its own name.
+    expert = [json.loads(line) for line in (out / "logs" / "expert.jsonl").read_text().splitlines()]
+    historical = [json.loads(line) for line in logs.splitlines()]
+    assert [r["seed"] for r in expert] == [r["seed"] for r in historical] and all(r["success"] for r in expert)
+    run = json.loads((out / "sft-expert-s0" / "run.json").read_text())
+    assert run["method"] == "sft-expert" and run["train_files"] == [str((out / "logs" / "expert.jsonl").resolve())]
 
     # A second run finds every output and skips the work (resume after an interruption).
     again = run_quickstart(cfg)
