@@ -27,23 +27,26 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 
 from dialogrl.agents.lora import lora_config
 from dialogrl.agents.preferences import collect_pairs, write_pairs
+from dialogrl.agents.rollouts import TrainingEnvConfig
 from dialogrl.agents.trl_args import cpu_trainer_args
 from dialogrl.config import config_to_dict, dump_config, load_config
 from dialogrl.data import load_preference_pairs
-from dialogrl.evaluation import checked_env_kwargs, make_env, scenario_seeds
+from dialogrl.evaluation import scenario_seeds
 from dialogrl.types import DialogRLError, Message
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(TrainingEnvConfig):
     """Settings of ``dialogrl dpo`` (``configs/dpo.yaml`` holds the defaults)."""
 
     model: str = ""
@@ -74,16 +77,6 @@ class DPOConfig:
     """Keep a pair only if best and worst candidate returns differ by at least this much."""
     max_new_tokens: int = 64
     """Longest reply in tokens."""
-    env_id: str = "dialogrl/CustomerService-v0"
-    """Training environment (always its train split)."""
-    rewards: list[str] | None = None
-    """Reward specs NAME_OR_PATH[=WEIGHT] that define the returns; None: the env's default mix."""
-    intents: list[str] | None = None
-    """Restrict training to these intents; None: all."""
-    max_turns: int = 12
-    """Agent turns per conversation."""
-    env_batch: int = 64
-    """Environments stepped side by side (conversations answered per generate call)."""
     beta: float = 0.1
     """DPO beta: higher keeps the policy closer to the reference (the SFT policy)."""
     loss_type: str = "sigmoid"
@@ -152,7 +145,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
     if target.exists() and not cfg.overwrite:
         raise DialogRLError(f"output_dir {target} already exists (set overwrite=true to replace it)")
     file_pairs = load_preference_pairs(cfg.preference_file, system_prompt=None) if cfg.preference_file else None
-    env_kwargs = checked_env_kwargs(cfg.env_id, "train", cfg.max_turns, cfg.rewards, cfg.intents)
+    env_fn = cfg.env_factory()
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
@@ -162,7 +155,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
         torch.set_num_threads(cfg.torch_threads)
     try:
         start_dir = prepare_start(cfg, tmp)  # type: ignore[arg-type]  (reads model and init_adapter only)
-        history, trainer = _rounds(cfg, start_dir, tmp, file_pairs, env_kwargs)
+        history, trainer = _rounds(cfg, start_dir, tmp, file_pairs, env_fn)
         _save(cfg, trainer, start_dir, tmp, target, history)
         _replace_dir(tmp, target)
     except BaseException:
@@ -174,7 +167,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
 
 
 def _rounds(cfg: DPOConfig, start_dir: Path, tmp: Path, file_pairs: list[dict[str, Any]] | None,
-            env_kwargs: dict[str, Any]) -> tuple[list[dict[str, Any]], Any]:
+            env_fn: Callable[[], gym.Env]) -> tuple[list[dict[str, Any]], Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -194,7 +187,6 @@ def _rounds(cfg: DPOConfig, start_dir: Path, tmp: Path, file_pairs: list[dict[st
         history.append({"round": "file", "source": str(Path(cfg.preference_file or "").resolve()),
                         "pairs_kept": len(file_pairs), "pairs_trained": used, **_train_stats(trainer),
                         "seconds": round(time.perf_counter() - started, 2)})
-    env_fn = lambda: make_env(cfg.env_id, **env_kwargs)  # noqa: E731
     for r in range(cfg.rounds):
         started = time.perf_counter()
         torch.manual_seed(cfg.seed * 1_000_003 + r)

@@ -35,13 +35,13 @@ from dialogrl.agents.ppo_model import (
     prepare_start,
     save_run,
 )
-from dialogrl.agents.rollouts import RolloutBatch, TurnSample, collect
-from dialogrl.evaluation import checked_env_kwargs, make_env, scenario_seeds
+from dialogrl.agents.rollouts import RolloutBatch, TrainingEnvConfig, TurnSample, collect
+from dialogrl.evaluation import scenario_seeds
 from dialogrl.types import DialogRLError
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(TrainingEnvConfig):
     """Multi-turn PPO settings (``configs/ppo.yaml`` holds the defaults used by ``dialogrl ppo``)."""
 
     model: str = ""
@@ -60,14 +60,6 @@ class PPOConfig:
     """Episodes per gradient step (over all processes); must divide episodes_per_iteration."""
     ppo_epochs: int = 2
     """Passes over each iteration's data."""
-    env_id: str = "dialogrl/CustomerService-v0"
-    """Training environment (always its train split)."""
-    rewards: list[str] | None = None
-    """Reward specs NAME_OR_PATH[=WEIGHT]; None: the env's default mix."""
-    intents: list[str] | None = None
-    """Restrict training to these intents; None: all."""
-    max_turns: int = 12
-    """Agent turns per conversation."""
     temperature: float = 1.0
     """Sampling temperature during collection (log-probs are computed at this temperature)."""
     max_new_tokens: int = 64
@@ -107,13 +99,7 @@ class PPOConfig:
     method: str = "ppo"
     """Method name of this run in its run.json and evaluations, and so in ``dialogrl compare`` (runs sharing a
     name pool as training seeds of one method: give a variant its own name)."""
-    env_batch: int = 64
-    """Environments stepped side by side per process."""
 
-
-def _env_fn(cfg: PPOConfig, split: str):
-    kwargs = checked_env_kwargs(cfg.env_id, split, cfg.max_turns, cfg.rewards, cfg.intents)
-    return lambda: make_env(cfg.env_id, **kwargs)
 
 
 def gae(rewards: np.ndarray, values: np.ndarray, gamma: float, lam: float) -> np.ndarray:
@@ -230,7 +216,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
         raise DialogRLError(f"minibatch_episodes must be a multiple of the process count {n_proc}")
     out = Path(cfg.output_dir)
     ckpt = out / "checkpoint"
-    env_fn = _env_fn(cfg, "train")
+    env_fn = cfg.env_factory()
     torch.manual_seed(cfg.seed)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

@@ -29,16 +29,17 @@ from typing import Any
 
 from dialogrl.agents.lora import lora_config
 from dialogrl.agents.preferences import collect_pairs, write_pairs
+from dialogrl.agents.rollouts import TrainingEnvConfig
 from dialogrl.agents.trl_args import cpu_trainer_args
 from dialogrl.config import config_to_dict, dump_config, load_config
 from dialogrl.data import load_preference_pairs
-from dialogrl.evaluation import checked_env_kwargs, make_env, scenario_seeds
+from dialogrl.evaluation import scenario_seeds
 from dialogrl.rewards.reward_model import METHOD, RewardModelScorer, encode_conversation, model_context
 from dialogrl.types import DialogRLError
 
 
 @dataclass
-class RewardModelConfig:
+class RewardModelConfig(TrainingEnvConfig):
     """Settings of ``dialogrl reward-model`` (``configs/reward_model.yaml`` holds the defaults)."""
 
     model: str = ""
@@ -67,16 +68,6 @@ class RewardModelConfig:
     """States sampled per conversation."""
     margin: float = 0.25
     """Keep an environment pair only if best and worst returns differ by at least this much."""
-    env_id: str = "dialogrl/CustomerService-v0"
-    """Environment of the collected pairs (its train split)."""
-    rewards: list[str] | None = None
-    """Reward specs that define the returns; None: the env's default mix."""
-    intents: list[str] | None = None
-    """Restrict collection to these intents; None: all."""
-    max_turns: int = 12
-    """Agent turns per conversation."""
-    env_batch: int = 64
-    """Environments stepped side by side."""
     eval_fraction: float = 0.2
     """Share of pairs (whole scenarios or prompts) held out for the pairwise accuracy."""
     learning_rate: float = 1e-3
@@ -206,7 +197,7 @@ def _policy(spec: str, seed: int, cache: dict[str, Any]) -> Any:
 
 def collect_env_pairs(cfg: RewardModelConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Environment-ranked pairs from ``cfg``'s behaviour, proposers and continuation (train split)."""
-    kwargs = checked_env_kwargs(cfg.env_id, "train", cfg.max_turns, cfg.rewards, cfg.intents)
+    env_fn = cfg.env_factory()
     cache: dict[str, Any] = {}
     behaviour = _policy(cfg.behaviour, cfg.seed, cache)
     proposers = [_policy(p, cfg.seed + 1 + i, cache) for i, p in enumerate(cfg.proposers)]
@@ -214,7 +205,7 @@ def collect_env_pairs(cfg: RewardModelConfig) -> tuple[list[dict[str, Any]], dic
     if hasattr(continuation, "with_settings"):  # an LM finishes greedily: the candidate's effect, not sampling noise
         continuation = continuation.with_settings(do_sample=False)
     started = time.perf_counter()
-    pairs, stats = collect_pairs(lambda: make_env(cfg.env_id, **kwargs), scenario_seeds(cfg.seed + 12_345,
+    pairs, stats = collect_pairs(env_fn, scenario_seeds(cfg.seed + 12_345,
                                                                                          cfg.collect_episodes),
                                  behaviour, proposers, continuation, states_per_episode=cfg.states_per_episode,
                                  margin=cfg.margin, seed=cfg.seed, batch_size=cfg.env_batch)

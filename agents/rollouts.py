@@ -13,6 +13,29 @@ from typing import Any
 
 import gymnasium as gym
 
+from dialogrl.evaluation import checked_env_kwargs, make_env
+
+
+@dataclass
+class TrainingEnvConfig:
+    """Where an agent plays its training conversations: the fields the PPO, DPO and reward-model configs share."""
+
+    env_id: str = "dialogrl/CustomerService-v0"
+    """Training environment (always its train split)."""
+    rewards: list[str] | None = None
+    """Reward specs NAME_OR_PATH[=WEIGHT] that define the returns; None: the env's default mix."""
+    intents: list[str] | None = None
+    """Restrict training to these intents; None: all."""
+    max_turns: int = 12
+    """Agent turns per conversation."""
+    env_batch: int = 64
+    """Environments stepped side by side (conversations answered per generate call; per process under torchrun)."""
+
+    def env_factory(self, split: str = "train") -> Callable[[], gym.Env]:
+        """A constructor of this environment; a bad id, reward spec or intent fails here, before any work."""
+        kwargs = checked_env_kwargs(self.env_id, split, self.max_turns, self.rewards, self.intents)
+        return lambda: make_env(self.env_id, **kwargs)
+
 
 @dataclass
 class TurnSample:
