@@ -51,6 +51,12 @@ CHAT_TEMPLATE = (
 )
 
 
+NOT_IN_KEY = ("num_threads",)
+"""Config fields that do not change the built model."""
+ADDED_LATER = {"bf16": False}
+"""Config fields added after models were cached, with the value those builds had."""
+
+
 @dataclass
 class BootstrapConfig:
     """How the offline base model is built (every field is part of the cache key)."""
@@ -103,9 +109,10 @@ class BootstrapConfig:
                    num_threads=1)  # one thread: matrices this small lose more to thread hand-offs than they gain
 
     def cache_key(self, corpus_version: str = "") -> str:
-        fields = {k: v for k, v in asdict(self).items() if k != "num_threads"}
-        if not self.bf16:  # keys of float32 builds predate the field
-            del fields["bf16"]
+        # A field added after models were cached enters the key only when it differs from the value every earlier
+        # build had, so those builds keep their keys.
+        fields = {k: v for k, v in asdict(self).items()
+                  if k not in NOT_IN_KEY and not (k in ADDED_LATER and v == ADDED_LATER[k])}
         payload = json.dumps({"config": fields, "corpus": corpus_version, "build": BUILD_VERSION},
                              sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
