@@ -19,7 +19,8 @@ Two ways to put one in the environment's reward mix:
       DIALOGRL_REWARD_MODEL=runs/rm1,runs/rm2,runs/rm3  DIALOGRL_REWARD_MODEL_PENALTY=1.0   # an ensemble
 
   Importing this module also registers that function under the name ``reward_model`` (spec
-  ``reward_model=0.5``).
+  ``reward_model=0.5``), and ``final_from_env`` (``reward_model_final``), which scores only an episode's last
+  reply.
 
 An ensemble of k models scores ``mean - penalty * std`` over the k scores (population std, ddof 0): replies the
 models disagree on earn less, which makes the learned reward harder to exploit.
@@ -213,6 +214,17 @@ def from_env(t: Transition) -> float:
     imported, or by the import path ``dialogrl.rewards.reward_model:from_env``. Models load once per process.
     """
     return reward_from_env()(t)
+
+
+@register_reward("reward_model_final")
+def final_from_env(t: Transition) -> float:
+    """:func:`from_env` on the episode's last reply only, 0 on every earlier turn (``reward_model_final``, or
+    ``dialogrl.rewards.reward_model:final_from_env``).
+
+    A per-reply learned reward summed over turns pays again for every repetition of a reply the model likes;
+    scored once, at the end, a conversation earns what its outcome-bearing last reply earns.
+    """
+    return reward_from_env()(t) if t.terminated or t.truncated else 0.0
 
 
 def reward_from_env() -> RewardModelReward:

@@ -169,3 +169,11 @@ def test_reward_model_learns_separable_pairs_and_scores_in_the_env(
     # Two copies of one model agree (std 0): the ensemble equals the single model's weighted score.
     assert math.isclose(total_env, info["reward_components"]["dialogrl.rewards.reward_model:from_env"])
     assert math.isclose(total_env, learned, rel_tol=1e-5)
+    # The final-reply form pays nothing before the episode ends, and the same score at its end.
+    env = make_env("dialogrl/CustomerService-v0", reward=["dialogrl.rewards.reward_model:final_from_env"],
+                   max_turns=2)
+    env.reset(seed=3)
+    _, first, terminated, truncated, _ = env.step("Could you give me your order number?")
+    assert first == 0.0 and not (terminated or truncated)
+    _, last, terminated, *_ = env.step("Thank you, happy to help. [end]")
+    assert terminated and math.isfinite(last) and last != 0.0
