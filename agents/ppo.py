@@ -101,7 +101,6 @@ class PPOConfig(TrainingEnvConfig):
     name pool as training seeds of one method: give a variant its own name)."""
 
 
-
 def gae(rewards: np.ndarray, values: np.ndarray, gamma: float, lam: float) -> np.ndarray:
     """Generalised advantage estimates over one episode's token sequence (terminal after the last token)."""
     advantages = np.zeros_like(rewards)

@@ -205,8 +205,7 @@ def collect_env_pairs(cfg: RewardModelConfig) -> tuple[list[dict[str, Any]], dic
     if hasattr(continuation, "with_settings"):  # an LM finishes greedily: the candidate's effect, not sampling noise
         continuation = continuation.with_settings(do_sample=False)
     started = time.perf_counter()
-    pairs, stats = collect_pairs(env_fn, scenario_seeds(cfg.seed + 12_345,
-                                                                                         cfg.collect_episodes),
+    pairs, stats = collect_pairs(env_fn, scenario_seeds(cfg.seed + 12_345, cfg.collect_episodes),
                                  behaviour, proposers, continuation, states_per_episode=cfg.states_per_episode,
                                  margin=cfg.margin, seed=cfg.seed, batch_size=cfg.env_batch)
     return pairs, {**stats.summary(), "seconds": round(time.perf_counter() - started, 2)}

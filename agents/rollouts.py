@@ -31,9 +31,9 @@ class TrainingEnvConfig:
     env_batch: int = 64
     """Environments stepped side by side (conversations answered per generate call; per process under torchrun)."""
 
-    def env_factory(self, split: str = "train") -> Callable[[], gym.Env]:
-        """A constructor of this environment; a bad id, reward spec or intent fails here, before any work."""
-        kwargs = checked_env_kwargs(self.env_id, split, self.max_turns, self.rewards, self.intents)
+    def env_factory(self) -> Callable[[], gym.Env]:
+        """A constructor of the training environment; a bad id, reward spec or intent fails here, before any work."""
+        kwargs = checked_env_kwargs(self.env_id, "train", self.max_turns, self.rewards, self.intents)
         return lambda: make_env(self.env_id, **kwargs)
 
 
