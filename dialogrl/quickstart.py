@@ -122,7 +122,9 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
 
     t = _step("conversation logs (train split)")
     logs, expert_logs = out / "logs" / "historical.jsonl", out / "logs" / "expert.jsonl"
-    authors = [(logs, "historical")] + [(expert_logs, "expert")] * ("sft-expert" in cfg.methods)
+    authors = [(logs, "historical")]
+    if "sft-expert" in cfg.methods:
+        authors.append((expert_logs, "expert"))
     logs_existed = all(path.exists() for path, _ in authors)
     for path, author in authors:
         if not path.exists():  # both authors meet the same customers
