@@ -81,6 +81,12 @@ def collect(policy: Any, env_fn: Callable[[], gym.Env], seeds: Sequence[int], ba
     while live:
         slots = sorted(live)
         generations = policy.generate([live[s][2]["messages"] for s in slots])
+        # Gymnasium steps score one reply each; a batched reward (a reward model) scores them all here first.
+        # Every env shares the reward spec, so the first one's combiner stands for all.
+        combiner = getattr(envs[0].unwrapped, "reward_fn", None)
+        if combiner is not None:
+            combiner.prefetch([[*live[s][2]["messages"], {"role": "assistant", "content": g.text}]
+                               for s, g in zip(slots, generations, strict=True)])
         for slot, gen in zip(slots, generations, strict=True):
             episode, seed, _ = live[slot]
             _, reward, terminated, truncated, info = envs[slot].step(gen.text)

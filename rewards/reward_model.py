@@ -184,6 +184,7 @@ class RewardModelReward:
         self.penalty = float(penalty)
         self.__name__ = name  # the component name RewardCombiner reports
         self._scorers: list[RewardModelScorer] | None = None
+        self._prefetched: dict[tuple[tuple[str, str], ...], float] = {}
 
     @property
     def scorers(self) -> list[RewardModelScorer]:
@@ -196,11 +197,25 @@ class RewardModelReward:
         per_model = [s.score(conversations) for s in self.scorers]
         return [ensemble_score([m[i] for m in per_model], self.penalty) for i in range(len(conversations))]
 
+    def prefetch(self, conversations: Sequence[Sequence[Message]]) -> None:
+        """Score the replies the next steps will judge, as one batch (each conversation ends with its reply).
+
+        An environment scores one transition per ``step``; a rollout that steps many at once calls this first,
+        and each step's call then finds its score here. Only the latest batch is kept.
+        """
+        self._prefetched = dict(zip(map(_key, conversations), self.score(conversations), strict=True))
+
     def __call__(self, t: Transition) -> float:
-        return self.score([upto_last_reply(t.messages)])[0]
+        conversation = upto_last_reply(t.messages)
+        score = self._prefetched.pop(_key(conversation), None)
+        return self.score([conversation])[0] if score is None else score
 
     def __repr__(self) -> str:
         return f"RewardModelReward({[str(p) for p in self.paths]}, penalty={self.penalty:g})"
+
+
+def _key(conversation: Sequence[Message]) -> tuple[tuple[str, str], ...]:
+    return tuple((str(m.get("role")), str(m.get("content"))) for m in conversation)
 
 
 _FROM_ENV: dict[tuple[str, str], RewardModelReward] = {}
@@ -214,6 +229,9 @@ def from_env(t: Transition) -> float:
     imported, or by the import path ``dialogrl.rewards.reward_model:from_env``. Models load once per process.
     """
     return reward_from_env()(t)
+
+
+from_env.prefetch = lambda conversations: reward_from_env().prefetch(conversations)  # type: ignore[attr-defined]
 
 
 @register_reward("reward_model_final")

@@ -27,6 +27,7 @@ from dialogrl.rewards.reward_model import (
     RewardModelScorer,
     ensemble_score,
     from_env,
+    reward_from_env,
     upto_last_reply,
 )
 from dialogrl.types import DialogRLError, Transition
@@ -169,6 +170,37 @@ def test_reward_model_learns_separable_pairs_and_scores_in_the_env(
     # Two copies of one model agree (std 0): the ensemble equals the single model's weighted score.
     assert math.isclose(total_env, info["reward_components"]["dialogrl.rewards.reward_model:from_env"])
     assert math.isclose(total_env, learned, rel_tol=1e-5)
+    # A rollout scores each turn's replies as one batch; the environments' step-time calls then only look them up,
+    # and pay what scoring one reply at a time pays.
+    from types import SimpleNamespace
+
+    from dialogrl.agents.rollouts import collect
+
+    class AskOrder:  # LMPolicy.generate's interface, one fixed reply
+        def generate(self, conversations: list) -> list:
+            return [SimpleNamespace(text="Could you give me your order number?", prompt_ids=[1], response_ids=[2])
+                    for _ in conversations]
+
+    batch_sizes: list[int] = []
+    scorer = reward.scorers[0]
+    score_batch = scorer.score
+    monkeypatch.setattr(scorer, "score", lambda convs: batch_sizes.append(len(convs)) or score_batch(convs))
+    batched = collect(AskOrder(), lambda: make_env("dialogrl/CustomerService-v0", reward=[(reward, 1.0)],
+                                                   max_turns=2), [3, 4, 5])
+    assert batch_sizes == [3, 3] and len(batched.samples) == 6  # two turns of three conversations, two calls
+    batch_sizes.clear()
+    one_by_one = collect(AskOrder(), lambda: make_env("dialogrl/CustomerService-v0",
+                                                      reward=[(lambda t: reward(t), 1.0)], max_turns=2), [3, 4, 5])
+    assert batch_sizes == [1] * 6  # a plain callable has no prefetch: one reply per call
+    assert [s.reward for s in batched.samples] == pytest.approx([s.reward for s in one_by_one.samples], rel=1e-5)
+    # The import-path form prefetches too (here the two-model ensemble configured above).
+    batch_sizes.clear()
+    first = reward_from_env().scorers[0]
+    score_first = first.score
+    monkeypatch.setattr(first, "score", lambda convs: batch_sizes.append(len(convs)) or score_first(convs))
+    collect(AskOrder(), lambda: make_env("dialogrl/CustomerService-v0", max_turns=2,
+                                         reward=["dialogrl.rewards.reward_model:from_env"]), [3, 4, 5])
+    assert batch_sizes == [3, 3]
     # The final-reply form pays nothing before the episode ends, and the same score at its end.
     env = make_env("dialogrl/CustomerService-v0", reward=["dialogrl.rewards.reward_model:final_from_env"],
                    max_turns=2)
