@@ -78,12 +78,13 @@ def collect(policy: Any, env_fn: Callable[[], gym.Env], seeds: Sequence[int], ba
 
     for slot in range(len(envs)):
         start_next(slot)
+    # Gymnasium steps score one reply each; a batched reward (a reward model) scores a turn's replies at once
+    # before the steps. Every env shares the reward spec, so the first one's combiner stands for all.
+    combiner = getattr(envs[0].unwrapped, "reward_fn", None)
+    combiner = combiner if combiner is not None and combiner.batched else None
     while live:
         slots = sorted(live)
         generations = policy.generate([live[s][2]["messages"] for s in slots])
-        # Gymnasium steps score one reply each; a batched reward (a reward model) scores them all here first.
-        # Every env shares the reward spec, so the first one's combiner stands for all.
-        combiner = getattr(envs[0].unwrapped, "reward_fn", None)
         if combiner is not None:
             combiner.prefetch([[*live[s][2]["messages"], {"role": "assistant", "content": g.text}]
                                for s, g in zip(slots, generations, strict=True)])

@@ -102,9 +102,14 @@ class RewardCombiner:
             contributions[comp.name] = comp.weight * value + 0.0  # + 0.0 turns -0.0 into 0.0
         return sum(contributions.values()), contributions
 
+    @property
+    def batched(self) -> bool:
+        """Whether a component scores many replies at once (a ``prefetch`` attribute, e.g. a reward model)."""
+        return any(hasattr(comp.fn, "prefetch") for comp in self.components)
+
     def prefetch(self, conversations: list[list[dict[str, Any]]]) -> None:
-        """Let components that score many replies at once (a ``prefetch`` attribute, e.g. a reward model) score
-        the replies the next ``step`` calls will judge; each conversation ends with its reply."""
+        """Let the batched components score the replies the next ``step`` calls will judge (each conversation
+        ends with its reply)."""
         for comp in self.components:
             prefetch = getattr(comp.fn, "prefetch", None)
             if prefetch is not None:
