@@ -28,6 +28,7 @@ import gymnasium as gym
 import numpy as np
 
 from dialogrl.evaluation import run_episodes, text_policy_act
+from dialogrl.rewards.combine import batched_reward
 from dialogrl.types import DialogRLError, Message
 
 
@@ -105,9 +106,12 @@ def play_from(env_fn: Callable[[], gym.Env], starts: Sequence[Start], policy: An
 
     for slot in range(len(envs)):
         begin(slot)
+    combiner, max_chars = batched_reward(envs[0]) if envs else (None, None)
     while live:
         slots = sorted(live)
         replies = policy.act_batch([live[s][1]["messages"] for s in slots], [live[s][1] for s in slots])
+        if combiner is not None:  # a reward model scores the turn's replies in one batch
+            combiner.prefetch_replies([live[s][1]["messages"] for s in slots], replies, max_chars)
         for slot, reply in zip(slots, replies, strict=True):
             index, _, score = live[slot]
             _, reward, terminated, truncated, info = envs[slot].step(reply)

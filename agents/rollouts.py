@@ -14,6 +14,7 @@ from typing import Any
 import gymnasium as gym
 
 from dialogrl.evaluation import checked_env_kwargs, make_env
+from dialogrl.rewards.combine import batched_reward
 
 
 @dataclass
@@ -79,15 +80,14 @@ def collect(policy: Any, env_fn: Callable[[], gym.Env], seeds: Sequence[int], ba
     for slot in range(len(envs)):
         start_next(slot)
     # Gymnasium steps score one reply each; a batched reward (a reward model) scores a turn's replies at once
-    # before the steps. Every env shares the reward spec, so the first one's combiner stands for all.
-    combiner = getattr(envs[0].unwrapped, "reward_fn", None)
-    combiner = combiner if combiner is not None and combiner.batched else None
+    # before the steps.
+    combiner, max_chars = batched_reward(envs[0])
     while live:
         slots = sorted(live)
         generations = policy.generate([live[s][2]["messages"] for s in slots])
         if combiner is not None:
-            combiner.prefetch([[*live[s][2]["messages"], {"role": "assistant", "content": g.text}]
-                               for s, g in zip(slots, generations, strict=True)])
+            combiner.prefetch_replies([live[s][2]["messages"] for s in slots], [g.text for g in generations],
+                                      max_chars)
         for slot, gen in zip(slots, generations, strict=True):
             episode, seed, _ = live[slot]
             _, reward, terminated, truncated, info = envs[slot].step(gen.text)

@@ -36,7 +36,7 @@ SFT_TOLERANCE = 0.10
 
 
 def summarise(report: dict[str, Any], seconds: float, args: argparse.Namespace,
-              vs_other: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+              vs_other: dict[str, dict[str, Any]] | None = None, untimed: list[str] | None = None) -> dict[str, Any]:
     """The benchmark's JSON: per-method success, each method's paired difference to SFT (and to filtered SFT and
     SFT on the expert's logs when they ran: ``vs_sft_filtered``, ``vs_sft_expert``), targets met or not."""
     methods = report["methods"]
@@ -64,7 +64,7 @@ def summarise(report: dict[str, Any], seconds: float, args: argparse.Namespace,
                                         "met": abs(gap) <= SFT_TOLERANCE}
     return {"benchmark": "learning", "decoding": "greedy", "seeds": args.seeds, "methods_run": args.methods,
             "eval_episodes": args.episodes, "log_errors": args.log_errors, "quick": args.quick,
-            "seconds": round(seconds, 1), "methods": rows, "targets": targets,
+            "seconds": round(seconds, 1), "untimed_steps": untimed or [], "methods": rows, "targets": targets,
             "ceiling": rows.get("expert", {}).get("success_rate"),
             # SFT on flawless logs of the same customers: what imitation can reach on this base model, so the room
             # the logs' mistakes leave RL over SFT (RL beyond it would be learning what no demonstration shows).
@@ -107,8 +107,9 @@ def main() -> None:
                 for name, folder in (("sft-filtered", "filtered"), ("sft-expert", "expert_logs"))
                 if name in cfg.methods}
     # Seconds of every step behind the results, earlier runs of a resumed benchmark included.
-    seconds = json.loads((Path(args.work) / "timings.json").read_text())["total"]
-    result = summarise(report, seconds, args, vs_other)
+    # Steps whose outputs were copied into the folder are listed, not counted.
+    timings = json.loads((Path(args.work) / "timings.json").read_text())
+    result = summarise(report, timings["total"], args, vs_other, timings.get("untimed", []))
     write_json(result, Path(args.out))
     print(json.dumps(result["targets"], indent=1))
 

@@ -16,6 +16,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from dialogrl.rewards.combine import batched_reward
 from dialogrl.types import DialogRLError
 
 ActFn = Callable[[list[Any], list[dict[str, Any]]], list[Any]]
@@ -73,9 +74,12 @@ def run_episodes(
 
     for slot in range(len(envs)):
         start(slot)
+    combiner, max_chars = batched_reward(envs[0]) if envs else (None, None)
     while live:
         slots = sorted(live)
         actions = act([live[s][2] for s in slots], [live[s][3] for s in slots])
+        if combiner is not None:  # a reward model scores the turn's replies in one batch
+            combiner.prefetch_replies([live[s][3]["messages"] for s in slots], actions, max_chars)
         for slot, action in zip(slots, actions, strict=True):
             seed, repeat, _, _, reply_chars = live[slot]
             obs, _, terminated, truncated, info = envs[slot].step(action)

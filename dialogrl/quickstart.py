@@ -106,12 +106,20 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     before = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
     timings: dict[str, float] = {}
     peak_rss_mb: dict[str, float] = {}  # the process's peak resident memory so far, after each step
+    # Steps whose outputs were already there when this folder first timed them (copied in, or from before
+    # timings were kept): their cost is unknown, so they are listed instead of timed as zero.
+    untimed: list[str] = [step for step in before.get("untimed", []) if step not in before]
 
     def done(step: str, t: float, skipped: bool = False) -> None:
         if skipped and step in before:
             timings[step], peak_rss_mb[step] = before[step], before.get("peak_rss_mb", {}).get(step, 0.0)
+        elif skipped:
+            if step not in untimed:
+                untimed.append(step)
         else:
             timings[step], peak_rss_mb[step] = time.perf_counter() - t, _peak_rss_mb()
+            if step in untimed:
+                untimed.remove(step)
     started = time.perf_counter()
 
     t = _step("base model (built once, then cached)")
@@ -190,7 +198,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     wall = time.perf_counter() - started
     timings["total"] = sum(timings.values())
     invocations = [*before.get("invocations", [before["total"]] if "total" in before else []), round(wall, 1)]
-    write_json({**timings, "peak_rss_mb": peak_rss_mb, "invocations": invocations}, out / "timings.json")
+    write_json({**timings, "peak_rss_mb": peak_rss_mb, "invocations": invocations, "untimed": untimed},
+               out / "timings.json")
     print("\n" + format_table(report))
     print(f"\nreport: {out / 'report' / 'report.md'} (greedy decoding); sampled: {out / 'report_sampled'}")
     print(f"total {wall:.0f} s (all steps, including earlier runs of this folder: {timings['total']:.0f} s)")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from dialogrl.rewards.base import get_reward, parse_reward_spec
-from dialogrl.types import DialogRLError, RewardError, RewardFn, Transition
+from dialogrl.types import DialogRLError, Message, RewardError, RewardFn, Transition
 
 DEFAULT_WEIGHTS: dict[str, float] = {
     "success": 1.0,
@@ -115,9 +115,30 @@ class RewardCombiner:
             if prefetch is not None:
                 prefetch(conversations)
 
+    def prefetch_replies(self, histories: Sequence[Sequence[Message]], replies: Sequence[Any],
+                         max_chars: int | None = None) -> None:
+        """``prefetch`` for the replies about to be stepped, each after its conversation so far; ``max_chars``
+        cuts each reply as the environment will (its action space's ``max_length``), so the keys match."""
+        if not all(isinstance(r, str) for r in replies):
+            return  # act-level environments: nothing to score in batch
+        self.prefetch([[*history, {"role": "assistant", "content": reply[:max_chars]}]
+                       for history, reply in zip(histories, replies, strict=True)])
+
     def __repr__(self) -> str:
         inner = ", ".join(f"{comp.name}={comp.weight:g}" for comp in self.components)
         return f"RewardCombiner({inner})"
+
+
+def batched_reward(env: Any) -> tuple[RewardCombiner | None, int | None]:
+    """The env's reward combiner when a component scores in batches (else None), and its reply length limit.
+
+    Rollout loops step many environments per turn; with a batched component they call
+    ``prefetch_replies`` first. Environments made from one spec share their components, so one stands for all.
+    """
+    combiner = getattr(getattr(env, "unwrapped", env), "reward_fn", None)
+    if not isinstance(combiner, RewardCombiner) or not combiner.batched:
+        return None, None
+    return combiner, getattr(env.action_space, "max_length", None)
 
 
 def _is_pair(item: object) -> bool:

@@ -201,6 +201,28 @@ def test_reward_model_learns_separable_pairs_and_scores_in_the_env(
     collect(AskOrder(), lambda: make_env("dialogrl/CustomerService-v0", max_turns=2,
                                          reward=["dialogrl.rewards.reward_model:from_env"]), [3, 4, 5])
     assert batch_sizes == [3, 3]
+    # Evaluation and DPO's replays batch the same way; a reply longer than the environment keeps is scored as
+    # the environment cuts it, so its prefetched score is found (one call per turn, none at step time).
+    from dialogrl.agents.preferences import Start, play_from
+    from dialogrl.envs.actions import MAX_REPLY_CHARS
+    from dialogrl.evaluation import run_episodes
+
+    long_reply = "Could you give me your order number? " * (MAX_REPLY_CHARS // 30)
+    assert len(long_reply) > MAX_REPLY_CHARS
+
+    class LongAsk:  # a text policy (act_batch) that always asks at length
+        def act_batch(self, conversations: list, infos: list) -> list:
+            return [long_reply] * len(conversations)
+
+    def env_fn() -> object:
+        return make_env("dialogrl/CustomerService-v0", reward=[(reward, 1.0)], max_turns=2)
+
+    batch_sizes.clear()
+    records = run_episodes(env_fn, lambda _obs, infos: LongAsk().act_batch(infos, infos), [3, 4, 5])
+    assert batch_sizes == [3, 3] and len(records) == 3
+    batch_sizes.clear()
+    outcomes = play_from(env_fn, [Start(seed, ["Hello."], 0) for seed in (3, 4, 5)], LongAsk())
+    assert batch_sizes == [1, 1, 1, 3] and len(outcomes) == 3  # forced first replies one at a time, then a batch
     # The final-reply form pays nothing before the episode ends, and the same score at its end.
     env = make_env("dialogrl/CustomerService-v0", reward=["dialogrl.rewards.reward_model:final_from_env"],
                    max_turns=2)
