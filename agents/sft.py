@@ -17,7 +17,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,9 @@ from dialogrl.types import DialogRLError
 class SFTConfig:
     """Settings of ``dialogrl sft`` (supervised LoRA fine-tuning on conversation logs)."""
 
-    model: str = "runs/base"
-    """Local directory of the base causal LM and its tokenizer (with a chat template)."""
+    model: str = ""
+    """Local directory of the base causal LM and its tokenizer (with a chat template); empty: the cached bootstrap
+    base model (built on first use)."""
     train_file: list[str] | str = "runs/logs/train.jsonl"
     """One JSONL file of conversations in HF messages format, or a list of them."""
     filter_success: bool = False
@@ -120,10 +121,15 @@ def main_sft(config_path: str | None, overrides: list[str]) -> Path:
 def train_sft(config: SFTConfig) -> Path:
     """Train a LoRA adapter on the conversations in ``config.train_file``; return the run directory."""
     target = Path(config.output_dir)
-    _check_model_dir(Path(config.model))
+    if config.model:
+        _check_model_dir(Path(config.model))
     if target.exists() and not config.overwrite:
         raise DialogRLError(f"output_dir {target} already exists (set overwrite=true to replace it)")
     rows = _load_rows(config)
+    if not config.model:  # resolved only once the data has loaded: building the base model takes minutes
+        from dialogrl.policies.bootstrap import default_base_model
+
+        config = replace(config, model=str(default_base_model().resolve()))
     train_rows, eval_rows = _split(rows, config.eval_fraction, config.seed)
 
     target.parent.mkdir(parents=True, exist_ok=True)

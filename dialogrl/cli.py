@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in (("sft", "supervised LoRA baseline (TRL SFTTrainer)"), ("ppo", "multi-turn PPO with LoRA"),
                        ("dpo", "iterative DPO on environment-ranked reply pairs (TRL DPOTrainer)"),
                        ("reward-model", "train a learned reward model (TRL RewardTrainer)"),
-                       ("quickstart", "the main job: base -> logs -> SFT -> filtered SFT -> PPO -> report")):
+                       ("quickstart", "the main job: base -> logs -> SFT -> filtered SFT -> PPO, DPO -> evaluation -> report")):
         p = sub.add_parser(name, help=what)
         p.add_argument("--config", help=f"YAML config (default: configs/{name.replace('-', '_')}.yaml defaults)")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")

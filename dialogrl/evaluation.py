@@ -181,13 +181,24 @@ def evaluate(
     else:
         make_env(env_id, **kwargs).close()
     seeds = scenario_seeds(seed, episodes)
+    generation = getattr(policy, "generation", None)
+    if act is None and getattr(generation, "do_sample", False) and getattr(generation, "seed", 0) is None:
+        # Sampling draws from the evaluation's seed, not from whatever torch's global RNG went through before.
+        policy = policy.with_settings(seed=seed)
+    # An LM policy with a reference (its adapter disabled) also reports how far it moved: KL on its own replies.
+    kl_fn = getattr(policy, "kl_to_reference", None) if act is None else None
     records = run_episodes(lambda: make_env(env_id, **kwargs), act or text_policy_act(policy), seeds,
-                           repeats=repeats, batch_size=batch_size)
+                           repeats=repeats, batch_size=batch_size, keep_messages=kl_fn is not None)
+    summary = summarise(records)
+    if kl_fn is not None:
+        kl = kl_fn([r.pop("messages") for r in records])
+        if kl is not None:
+            summary["metrics"]["kl_to_reference"] = kl
     name = getattr(policy, "name", str(policy))
     return {
         "policy": name, "method": method or name, "env_id": env_id, "split": split, "seed": seed,
         "episodes": episodes, "repeats": repeats, "decoding": decoding, "training_seed": training_seed,
-        **summarise(records), "records": records,
+        **summary, "records": records,
     }
 
 

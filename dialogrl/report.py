@@ -21,7 +21,9 @@ HOW_TO_READ = """\
 goals). *Success* is judged by the environment from the final database state, what the customer was told and
 the business-policy rules; it does not depend on the reward the agent was trained on. *Return* is that reward.
 A method whose return rises while success does not, or whose violations, invalid actions, reply length or KL
-to its reference grow, is gaming the reward rather than solving the task (see "Things to check").
+to its reference grow, is gaming the reward rather than solving the task (see "Things to check"). *KL to
+reference* is KL(policy || adapter disabled) summed over each reply's tokens, averaged over replies, on the
+conversations evaluated: for an SFT run the reference is the base model, for PPO and DPO the SFT policy.
 Several training seeds of one method are pooled: each scenario's outcome is averaged over seeds and repeats
 first, and rates are means over scenarios. "Δ vs baseline" is the mean paired difference with a 95% percentile
 bootstrap CI over the shared scenarios; a CI entirely above 0 means a measurable gain on these scenarios. The
@@ -42,6 +44,9 @@ def load_eval(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
+        if path.is_dir() and (path / "run.json").is_file():  # e.g. an SFT run: trained, never evaluated
+            raise DialogRLError(f"{file}: no such evaluation file; evaluate the run first: "
+                                f"dialogrl eval --policy {path} --out {file}") from None
         raise DialogRLError(f"{file}: no such evaluation file") from None
     except (OSError, ValueError) as exc:
         raise DialogRLError(f"{file}: not a readable evaluation JSON ({exc})") from None
@@ -264,14 +269,15 @@ def format_table(report: dict[str, Any]) -> str:
     """The comparison as a fixed-width console table."""
     head = (f"{'method':18s}{'runs':>5s} {'decoding':10s}{'success [95% CI]':22s}"
             f"{'diff vs ' + report['baseline'] + ' [95% CI]':28s}{'return':>8s}{'turns':>7s}{'violations':>11s}"
-            f"{'invalid':>9s}{'reply chars':>12s}")
+            f"{'invalid':>9s}{'reply chars':>12s}{'KL':>8s}")
     lines = [head]
     for name, m in report["methods"].items():
         lines.append(f"{name:18s}{len(m['files']):>5d} {','.join(m['decoding']):10s}"
                      f"{m['success_rate']:.3f} [{m['success_ci'][0]:.3f}, {m['success_ci'][1]:.3f}]  "
                      f"{_ci(m.get('vs_baseline', {}).get('success_rate')):28s}{m['mean_return']:8.3f}"
                      f"{m['mean_turns']:7.2f}{m['violation_rate']:11.3f}{m['invalid_action_rate']:9.3f}"
-                     f"{m['mean_reply_chars']:12.1f}")
+                     f"{m['mean_reply_chars']:12.1f}"
+                     + (f"{m['kl_to_reference']:8.3f}" if "kl_to_reference" in m else f"{'—':>8s}"))
     return "\n".join(lines)
 
 
@@ -288,12 +294,12 @@ def _markdown(report: dict[str, Any]) -> str:
              "## Outcomes and reward, side by side", ""]
     lines += _md_table(
         ["method", "decoding", "training seeds", "scenarios (episodes)", "success [95% CI]",
-         "Δ success vs baseline [95% CI]", "return (env reward)", "Δ return [95% CI]", "violation rate",
+         "Δ success vs baseline [95% CI]", "return (env reward)", "Δ return [95% CI]", "turns", "violation rate",
          "invalid actions / turn", "reply chars", "KL to reference"],
         [[n, ", ".join(m["decoding"]), seeds[n], f"{m['scenarios']} ({m['episodes']})",
           f"{m['success_rate']:.3f} [{m['success_ci'][0]:.3f}, {m['success_ci'][1]:.3f}]",
           _ci(m.get("vs_baseline", {}).get("success_rate")), f"{m['mean_return']:.3f}",
-          _ci(m.get("vs_baseline", {}).get("mean_return")), f"{m['violation_rate']:.3f}",
+          _ci(m.get("vs_baseline", {}).get("mean_return")), f"{m['mean_turns']:.2f}", f"{m['violation_rate']:.3f}",
           f"{m['invalid_action_rate']:.3f}", f"{m['mean_reply_chars']:.1f}",
           f"{m['kl_to_reference']:.3f}" if "kl_to_reference" in m else "—"] for n, m in methods.items()])
     paired = {n: m["vs_baseline"]["shared_scenarios"] for n, m in methods.items() if "vs_baseline" in m}

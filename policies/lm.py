@@ -71,8 +71,12 @@ class LMPolicy:
     """
 
     def __init__(self, model: Any, tokenizer: Any, generation: GenerationSettings | None = None,
-                 name: str = "lm") -> None:
+                 name: str = "lm", reference_dir: str | Path | None = None) -> None:
         self.model = model
+        # The model a merged adapter was trained on: the KL reference (an unmerged PEFT model is its own reference,
+        # adapter disabled). Loaded on first use.
+        self.reference_dir = reference_dir
+        self._reference: Any = None
         self.tokenizer = tokenizer
         self.generation = generation or GenerationSettings()
         self.name = name
@@ -110,7 +114,8 @@ class LMPolicy:
             where = adapter_dir or model_dir
             raise DialogRLError(f"cannot load a model from '{where}': {str(exc).splitlines()[0]}") from None
         model.eval()
-        return cls(model, tokenizer, generation, name=name or (adapter_dir or model_dir).name)
+        return cls(model, tokenizer, generation, name=name or (adapter_dir or model_dir).name,
+                   reference_dir=model_dir if adapter_dir is not None and merge_adapter else None)
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path, decoding: str = "greedy",
@@ -148,7 +153,37 @@ class LMPolicy:
 
     def with_settings(self, **changes: Any) -> LMPolicy:
         """The same weights with other decoding settings (e.g. ``do_sample=True``)."""
-        return LMPolicy(self.model, self.tokenizer, replace(self.generation, **changes), self.name)
+        return LMPolicy(self.model, self.tokenizer, replace(self.generation, **changes), self.name, self.reference_dir)
+
+    def kl_to_reference(self, conversations: list[list[Message]]) -> float | None:
+        """Mean KL(policy || reference) per assistant reply of these conversations (``policies/kl.py``); None when
+        the policy has no reference (a model without an adapter) or the conversations no replies."""
+        from .kl import reply_kl
+
+        model = self.model
+        if self.reference_dir is not None:
+            if self._reference is None:
+                from transformers import AutoModelForCausalLM
+
+                self._reference = AutoModelForCausalLM.from_pretrained(self.reference_dir,
+                                                                       local_files_only=True).eval()
+            reference = self._reference
+
+            def reference_logits(ids: Any, attention: Any) -> Any:
+                return reference(input_ids=ids, attention_mask=attention).logits
+        elif hasattr(model, "disable_adapter"):  # an unmerged PEFT model: the same weights, adapter off
+            def reference_logits(ids: Any, attention: Any) -> Any:
+                with model.disable_adapter():
+                    return model(input_ids=ids, attention_mask=attention).logits
+        else:
+            return None
+        was_training = model.training
+        model.eval()
+        try:
+            return reply_kl(lambda ids, attention: model(input_ids=ids, attention_mask=attention).logits,
+                            reference_logits, self.tokenizer, conversations, self.context, self.pad_id)
+        finally:
+            model.train(was_training)
 
     def act_batch(self, conversations: list[list[Message]], infos: list[dict[str, Any]]) -> list[str]:
         """One reply per conversation (``infos`` are not used: the model reads only the conversation)."""

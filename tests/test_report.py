@@ -211,3 +211,7 @@ def test_run_directory_holding_eval_json_is_accepted(tmp_path: Path) -> None:
     assert load_eval(tmp_path / "run")["method"] == "sft"
     with pytest.raises(DialogRLError, match="no such evaluation file"):
         load_eval(tmp_path / "missing.json")
+    (tmp_path / "sft_run").mkdir()
+    (tmp_path / "sft_run" / "run.json").write_text("{}")  # trained, not evaluated: the error says what to run
+    with pytest.raises(DialogRLError, match=r"evaluate the run first: dialogrl eval --policy .*sft_run --out"):
+        load_eval(tmp_path / "sft_run")

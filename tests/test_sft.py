@@ -166,6 +166,24 @@ def test_bad_model_and_existing_output(model_dir: Path, tmp_path: Path) -> None:
                             filter_success=True, overwrite=True))
 
 
+def test_empty_model_means_the_cached_base_model(model_dir: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import dialogrl.policies.bootstrap as bootstrap
+
+    asked: list[bool] = []
+    monkeypatch.setattr(bootstrap, "default_base_model", lambda: asked.append(True) or model_dir)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [conversation(0, True), "not json"])
+    with pytest.raises(DialogRLError, match="bad.jsonl row 2"):
+        train_sft(SFTConfig(train_file=str(bad), output_dir=str(tmp_path / "bad_run"), max_steps=1))
+    assert asked == []  # bad data fails before the base model is built
+    data = write_jsonl(tmp_path / "ok.jsonl", [conversation(i, True) for i in range(4)])
+    run_dir = train_sft(SFTConfig(train_file=str(data), output_dir=str(tmp_path / "run"), max_steps=1,
+                                  eval_fraction=0))
+    run = json.loads((run_dir / "run.json").read_text())
+    assert asked == [True] and run["base_model"] == str(model_dir.resolve())
+    assert run["config"]["model"] == str(model_dir.resolve())  # the resolved path, not the empty default
+
+
 def test_config_validation_and_yaml_defaults() -> None:
     with pytest.raises(DialogRLError, match="eval_fraction"):
         load_config(SFTConfig, None, ["eval_fraction=1.5"])
