@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,14 +34,20 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from dialogrl.agents.lora import lora_config
+from dialogrl.agents.lora import check_lora_fields, lora_config
 from dialogrl.agents.preferences import collect_pairs, write_pairs
 from dialogrl.agents.rollouts import TrainingEnvConfig
 from dialogrl.agents.trl_args import cpu_trainer_args
-from dialogrl.config import config_to_dict, dump_config, load_config
+from dialogrl.config import check_at_least, check_number, config_to_dict, dump_config, load_config
 from dialogrl.data import load_preference_pairs
 from dialogrl.evaluation import scenario_seeds
+from dialogrl.outputs import check_output_dir, replace_dir, temp_dir_beside
 from dialogrl.types import DialogRLError, Message
+
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+              "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+"""The losses of TRL's ``DPOTrainer`` (trl 1.16) that run with this config; TRL's ``exo_pair`` is left out: it
+needs ``label_smoothing`` > 0, which this config does not set."""
 
 
 @dataclass
@@ -112,15 +117,16 @@ class DPOConfig(TrainingEnvConfig):
             raise DialogRLError(f"rounds must be >= 1 (or 0 with a preference_file), got {self.rounds}")
         if self.candidates < 2:
             raise DialogRLError(f"candidates must be at least 2, got {self.candidates}")
-        for name in ("scenarios_per_round", "states_per_episode", "max_new_tokens", "max_turns", "env_batch",
-                     "batch_size", "lora_r"):
-            if getattr(self, name) < 1:
-                raise DialogRLError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("temperature", "beta", "learning_rate", "epochs"):
-            if getattr(self, name) <= 0:
-                raise DialogRLError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.margin < 0 or self.max_length < 0 or self.torch_threads < 0 or self.eval_episodes < 0:
-            raise DialogRLError("margin, max_length, torch_threads and eval_episodes must be >= 0")
+        check_at_least(self, 1, "scenarios_per_round", "states_per_episode", "max_new_tokens", "max_turns",
+                       "env_batch", "batch_size")
+        check_number(self, "temperature", "beta", "learning_rate", "epochs", above=0)
+        check_number(self, "margin", at_least=0)
+        check_at_least(self, 0, "max_length", "torch_threads", "eval_episodes")
+        check_lora_fields(self)
+        if self.loss_type not in LOSS_TYPES:
+            why = ("needs label_smoothing > 0, which dialogrl dpo does not set" if self.loss_type == "exo_pair"
+                   else "not a TRL DPO loss")
+            raise DialogRLError(f"loss_type={self.loss_type}: {why}; use one of {', '.join(LOSS_TYPES)}")
 
 
 def main_dpo(config_path: str | None, overrides: list[str]) -> Path:
@@ -139,17 +145,15 @@ def train_dpo(cfg: DPOConfig) -> Path:
     """Run every round; write the run directory atomically and return it."""
     import torch
 
-    from dialogrl.agents.ppo_model import prepare_start
+    from dialogrl.agents.ppo_model import check_start, prepare_start
 
     target = Path(cfg.output_dir)
-    if target.exists() and not cfg.overwrite:
-        raise DialogRLError(f"output_dir {target} already exists (set overwrite=true to replace it)")
+    check_output_dir(target, cfg.overwrite, [cfg.preference_file, cfg.init_adapter])
     file_pairs = load_preference_pairs(cfg.preference_file, system_prompt=None) if cfg.preference_file else None
     env_fn = cfg.env_factory()
+    check_start(cfg)  # bad start weights or LoRA targets: one line, before anything is written
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the finished run is an ordinary directory
+    tmp = temp_dir_beside(target)
     threads = torch.get_num_threads()
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
@@ -157,7 +161,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
         start_dir = prepare_start(cfg, tmp)  # type: ignore[arg-type]  (reads model and init_adapter only)
         history, trainer = _rounds(cfg, start_dir, tmp, file_pairs, env_fn)
         _save(cfg, trainer, start_dir, tmp, target, history)
-        _replace_dir(tmp, target)
+        replace_dir(tmp, target, cfg.overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -318,14 +322,3 @@ def _save(cfg: DPOConfig, trainer: Any, start_dir: Path, tmp: Path, target: Path
            "pairs_files": sorted(str(p.relative_to(tmp)) for p in (tmp / "pairs").glob("*.jsonl")),
            "config": config_to_dict(cfg), "history": history, "versions": package_versions()}
     (tmp / "run.json").write_text(json.dumps(run, indent=1) + "\n", encoding="utf-8")
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Rename the finished run into place; an old run (overwrite=true) is moved aside first, deleted after."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{tmp.name}")
-        target.rename(old)
-    tmp.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

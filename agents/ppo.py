@@ -27,15 +27,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from dialogrl.agents.lora import check_lora_fields
 from dialogrl.agents.ppo_model import (
     FORWARD_CHUNK,
     PolicyWithValue,
     build_policy,
+    check_output,
+    check_start,
+    comparable_config,
     forward_samples,
     prepare_start,
     save_run,
 )
 from dialogrl.agents.rollouts import RolloutBatch, TrainingEnvConfig, TurnSample, collect
+from dialogrl.config import check_at_least, check_number
 from dialogrl.evaluation import scenario_seeds
 from dialogrl.types import DialogRLError
 
@@ -99,6 +104,21 @@ class PPOConfig(TrainingEnvConfig):
     method: str = "ppo"
     """Method name of this run in its run.json and evaluations, and so in ``dialogrl compare`` (runs sharing a
     name pool as training seeds of one method: give a variant its own name)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_at_least(self, 1, "iterations", "episodes_per_iteration", "minibatch_episodes", "ppo_epochs",
+                       "max_new_tokens", "checkpoint_every")
+        check_at_least(self, 0, "eval_episodes")
+        check_number(self, "temperature", "learning_rate", "max_grad_norm", above=0)
+        check_number(self, "clip_range", "value_clip", "vf_coef", "kl_coef", "target_kl", at_least=0)
+        check_number(self, "gamma", "lam", at_least=0, at_most=1)
+        check_lora_fields(self)
+        if self.adaptive_kl:  # the controller divides by it
+            check_number(self, "target_kl", above=0)
+        if self.episodes_per_iteration % self.minibatch_episodes:
+            raise DialogRLError(f"minibatch_episodes={self.minibatch_episodes}: must divide "
+                                f"episodes_per_iteration={self.episodes_per_iteration}")
 
 
 def gae(rewards: np.ndarray, values: np.ndarray, gamma: float, lam: float) -> np.ndarray:
@@ -215,69 +235,79 @@ def train_ppo(cfg: PPOConfig) -> Path:
         raise DialogRLError(f"minibatch_episodes must be a multiple of the process count {n_proc}")
     out = Path(cfg.output_dir)
     ckpt = out / "checkpoint"
-    env_fn = cfg.env_factory()
-    torch.manual_seed(cfg.seed)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        prepare_start(cfg, out)
-    accelerator.wait_for_everyone()
-    start_dir = prepare_start(cfg, out)
-    module, tokenizer = build_policy(cfg, start_dir, ckpt if (ckpt / "state.json").exists() else None)
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=cfg.learning_rate)
-    state = {"iteration": 0, "kl_coef": cfg.kl_coef, "history": []}
-    if (ckpt / "state.json").exists():
-        state = json.loads((ckpt / "state.json").read_text())
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        accelerator.print(f"resuming from {ckpt} at iteration {state['iteration']}")
-    module, optimizer = accelerator.prepare(module, optimizer)
-    inner: PolicyWithValue = accelerator.unwrap_model(module)
-    writer = _tensorboard(out) if accelerator.is_main_process else None
+    check_output(cfg, out)  # before anything is written
+    created = not out.exists()
+    try:
+        env_fn = cfg.env_factory()
+        check_start(cfg)  # bad start weights or LoRA targets: one line, before output_dir is written
+        torch.manual_seed(cfg.seed)
+        if accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            prepare_start(cfg, out)
+        accelerator.wait_for_everyone()
+        start_dir = prepare_start(cfg, out)
+        module, tokenizer = build_policy(cfg, start_dir, ckpt if (ckpt / "state.json").exists() else None)
+        optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=cfg.learning_rate)
+        state = {"iteration": 0, "kl_coef": cfg.kl_coef, "history": []}
+        if (ckpt / "state.json").exists():
+            state = json.loads((ckpt / "state.json").read_text())
+            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+            accelerator.print(f"resuming from {ckpt} at iteration {state['iteration']}")
+        state["config"] = comparable_config(cfg)  # what a later resume must match
+        module, optimizer = accelerator.prepare(module, optimizer)
+        inner: PolicyWithValue = accelerator.unwrap_model(module)
+        writer = _tensorboard(out) if accelerator.is_main_process else None
 
-    bar = tqdm(range(state["iteration"], cfg.iterations), disable=not accelerator.is_main_process,
-               initial=state["iteration"], total=cfg.iterations, desc="ppo")
-    for it in bar:
-        torch.manual_seed(cfg.seed * 100_003 + it * 101 + rank)
-        seeds = scenario_seeds(cfg.seed * 7919 + it, cfg.episodes_per_iteration)[rank::n_proc]
-        inner.eval()
-        batch = collect(inner.sampler(tokenizer, cfg), env_fn, seeds, cfg.env_batch)
-        data = prepare(inner, batch, cfg, state["kl_coef"], accelerator)
+        bar = tqdm(range(state["iteration"], cfg.iterations), disable=not accelerator.is_main_process,
+                   initial=state["iteration"], total=cfg.iterations, desc="ppo")
+        for it in bar:
+            torch.manual_seed(cfg.seed * 100_003 + it * 101 + rank)
+            seeds = scenario_seeds(cfg.seed * 7919 + it, cfg.episodes_per_iteration)[rank::n_proc]
+            inner.eval()
+            batch = collect(inner.sampler(tokenizer, cfg), env_fn, seeds, cfg.env_batch)
+            data = prepare(inner, batch, cfg, state["kl_coef"], accelerator)
 
-        module.train()
-        rng = np.random.default_rng([cfg.seed, it])
-        episodes = sorted({s.episode for s in data.samples})
-        per_step = cfg.minibatch_episodes // n_proc
-        losses: list[dict[str, float]] = []
-        for _ in range(cfg.ppo_epochs):
-            order = rng.permutation(len(episodes))
-            for start in range(0, len(order), per_step):
-                chosen = {episodes[j] for j in order[start:start + per_step]}
-                idx = [i for i, s in enumerate(data.samples) if s.episode in chosen]
-                optimizer.zero_grad()
-                parts = ppo_backward(module, data, idx, cfg, accelerator)
-                accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                losses.append(parts)
+            module.train()
+            rng = np.random.default_rng([cfg.seed, it])
+            episodes = sorted({s.episode for s in data.samples})
+            per_step = cfg.minibatch_episodes // n_proc
+            losses: list[dict[str, float]] = []
+            for _ in range(cfg.ppo_epochs):
+                order = rng.permutation(len(episodes))
+                for start in range(0, len(order), per_step):
+                    chosen = {episodes[j] for j in order[start:start + per_step]}
+                    idx = [i for i, s in enumerate(data.samples) if s.episode in chosen]
+                    optimizer.zero_grad()
+                    parts = ppo_backward(module, data, idx, cfg, accelerator)
+                    accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    losses.append(parts)
 
-        if cfg.adaptive_kl:  # proportional controller, clipped to +-20% per iteration
-            error = float(np.clip(data.kl / cfg.target_kl - 1, -0.2, 0.2))
-            state["kl_coef"] *= 1 + error
-        row = _iteration_stats(it, batch, data, losses, state["kl_coef"], accelerator)
-        state["history"].append(row)
-        state["iteration"] = it + 1
-        bar.set_postfix(success=f"{row['success']:.2f}", ret=f"{row['return']:.2f}", kl=f"{row['kl']:.3f}")
-        accelerator.print(json.dumps(row))
+            if cfg.adaptive_kl:  # proportional controller, clipped to +-20% per iteration
+                error = float(np.clip(data.kl / cfg.target_kl - 1, -0.2, 0.2))
+                state["kl_coef"] *= 1 + error
+            row = _iteration_stats(it, batch, data, losses, state["kl_coef"], accelerator)
+            state["history"].append(row)
+            state["iteration"] = it + 1
+            bar.set_postfix(success=f"{row['success']:.2f}", ret=f"{row['return']:.2f}", kl=f"{row['kl']:.3f}")
+            accelerator.print(json.dumps(row))
+            if writer is not None:
+                for key, value in row.items():
+                    writer.add_scalar(f"ppo/{key}", value, it)
+            if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
+                _save_checkpoint(inner, optimizer, state, ckpt, accelerator)
         if writer is not None:
-            for key, value in row.items():
-                writer.add_scalar(f"ppo/{key}", value, it)
-        if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-            _save_checkpoint(inner, optimizer, state, ckpt, accelerator)
-    if writer is not None:
-        writer.close()
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_run(inner, start_dir, cfg, state, out)
-    accelerator.wait_for_everyone()
-    return out
+            writer.close()
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_run(inner, start_dir, cfg, state, out)
+        accelerator.wait_for_everyone()
+        return out
+    except BaseException:
+        # A run that failed before its first checkpoint leaves nothing behind (there is nothing to resume).
+        if created and accelerator.is_main_process and not (ckpt / "state.json").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _iteration_stats(it: int, batch: RolloutBatch, data: Prepared, losses: list[dict[str, float]],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -143,6 +144,32 @@ def resolve_start(cfg: PPOConfig) -> tuple[Path, Path | None]:
     return Path(base), adapter
 
 
+def check_start(cfg: Any) -> None:
+    """What can be wrong with PPO's or DPO's start weights, found before a run writes anything: ``init_adapter``
+    (read as ``dialogrl eval`` reads a run directory), ``model``, the adapter on it, ``lora_target_modules`` and
+    ``max_new_tokens`` against the context. Loads the start model once, leaving torch's random state as it was."""
+    from dialogrl.policies.lm import LMPolicy, check_adapter_dir, run_dir_parts
+
+    if cfg.init_adapter:
+        try:
+            _, _, adapter, _ = run_dir_parts(cfg.init_adapter)
+            if adapter is None:
+                raise DialogRLError("a model directory, not a run directory (run.json) nor an adapter directory")
+            check_adapter_dir(adapter)
+        except DialogRLError as exc:
+            raise DialogRLError(f"init_adapter={cfg.init_adapter}: {exc}") from None
+    if cfg.model and (Path(cfg.model) / "run.json").is_file() and not (Path(cfg.model) / "config.json").is_file():
+        raise DialogRLError(f"model={cfg.model}: a run directory, not a base model; start from it with "
+                            f"init_adapter={cfg.model}")
+    base_dir, adapter = resolve_start(cfg)
+    with torch.random.fork_rng(devices=[]):
+        policy = LMPolicy.from_pretrained(base_dir, adapter)
+    lora_config(policy.model, cfg.lora_target_modules, r=cfg.lora_r, alpha=cfg.lora_alpha)
+    if cfg.max_new_tokens >= policy.context:
+        raise DialogRLError(f"max_new_tokens={cfg.max_new_tokens}: leaves no room for the prompt in the model's "
+                            f"{policy.context}-token context")
+
+
 def _resolve(run_dir: Path, path: str) -> Path:
     p = Path(path)
     return p if p.is_absolute() else run_dir / p
@@ -198,8 +225,6 @@ def save_run(inner: PolicyWithValue, start_dir: Path, cfg: PPOConfig, state: dic
 
     ``LMPolicy.from_run_dir`` and plain ``PeftModel.from_pretrained(AutoModelForCausalLM(base), adapter)`` load it.
     """
-    import dataclasses
-
     from dialogrl.agents.versions import package_versions
 
     inner.policy.save_pretrained(out / "adapter")
@@ -210,3 +235,37 @@ def save_run(inner: PolicyWithValue, start_dir: Path, cfg: PPOConfig, state: dic
     if os.environ.get(ENV_PATHS) and any("reward_model" in str(r) for r in cfg.rewards or []):
         run["reward_model_dirs"] = os.environ[ENV_PATHS]  # what the learned-reward spec resolved to
     (out / "run.json").write_text(json.dumps(run, indent=1))
+
+
+RESUME_MAY_CHANGE = frozenset({"iterations", "checkpoint_every", "eval_episodes", "eval_seed", "method", "output_dir"})
+"""PPOConfig fields a resumed run may set differently from the run that wrote the checkpoint."""
+RUN_FILES = frozenset({"base", "base.tmp", "checkpoint", "checkpoint.tmp", "checkpoint.old", "adapter", "value_head.pt",
+                       "run.json", "config.yaml", "eval.json", "eval_sampled.json", "tensorboard"})
+"""What a PPO run directory holds: anything else in ``output_dir`` means it is not one."""
+
+
+def comparable_config(cfg: PPOConfig) -> dict[str, Any]:
+    """The config as it reads back from JSON (tuples as lists), to compare with a checkpoint's."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def check_output(cfg: PPOConfig, out: Path) -> None:
+    """``output_dir`` must be new, or a PPO run to resume with the same settings (else one error, nothing written)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DialogRLError(f"output_dir {out} is not a directory")
+    strangers = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES)
+    if strangers:
+        raise DialogRLError(f"output_dir {out} is not a PPO run directory (it holds {strangers[0]}); PPO writes "
+                            "into, and resumes, only its own runs: choose another output_dir")
+    state_file = out / "checkpoint" / "state.json"
+    saved = json.loads(state_file.read_text()).get("config") if state_file.is_file() else None
+    if saved is None:  # no checkpoint, or one written before checkpoints kept their config
+        return
+    now = comparable_config(cfg)
+    for key in sorted(set(saved) | set(now)):
+        if key not in RESUME_MAY_CHANGE and saved.get(key) != now.get(key):
+            raise DialogRLError(f"output_dir {out} holds a checkpoint trained with {key}={json.dumps(saved.get(key))}, "
+                                f"not {json.dumps(now.get(key))}: resume with that run's settings, or choose another "
+                                "output_dir")

@@ -17,8 +17,6 @@ JSONL that :func:`dialogrl.data.load_preference_pairs` reads back. Imports no to
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ import gymnasium as gym
 import numpy as np
 
 from dialogrl.evaluation import run_episodes, text_policy_act
+from dialogrl.outputs import write_text_atomic
 from dialogrl.rewards.combine import batched_reward
 from dialogrl.types import DialogRLError, Message
 
@@ -223,16 +222,4 @@ def collect_pairs(env_fn: Callable[[], gym.Env], seeds: Sequence[int], behaviour
 
 def write_pairs(pairs: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Write pair rows as JSONL atomically (a temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for row in pairs:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the pairs are for people to read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in pairs))

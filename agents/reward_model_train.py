@@ -21,19 +21,19 @@ import json
 import math
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dialogrl.agents.lora import lora_config
+from dialogrl.agents.lora import check_lora_fields, lora_config
 from dialogrl.agents.preferences import collect_pairs, write_pairs
 from dialogrl.agents.rollouts import TrainingEnvConfig
 from dialogrl.agents.trl_args import cpu_trainer_args
-from dialogrl.config import config_to_dict, dump_config, load_config
+from dialogrl.config import check_at_least, check_number, config_to_dict, dump_config, load_config
 from dialogrl.data import load_preference_pairs
 from dialogrl.evaluation import scenario_seeds
+from dialogrl.outputs import check_output_dir, replace_dir, temp_dir_beside
 from dialogrl.rewards.reward_model import METHOD, RewardModelScorer, encode_conversation, model_context
 from dialogrl.types import DialogRLError
 
@@ -92,15 +92,13 @@ class RewardModelConfig(TrainingEnvConfig):
     def __post_init__(self) -> None:
         if not 0.0 < self.eval_fraction < 1.0:
             raise DialogRLError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
-        if self.collect_episodes < 0 or self.max_length < 0 or self.torch_threads < 0 or self.margin < 0:
-            raise DialogRLError("collect_episodes, max_length, torch_threads and margin must be >= 0")
+        check_at_least(self, 0, "collect_episodes", "max_length", "torch_threads")
+        check_number(self, "margin", "center_rewards_coefficient", at_least=0)
         if self.collect_episodes and len(self.proposers) < 2:
             raise DialogRLError(f"proposers needs at least 2 entries, got {self.proposers}")
-        for name in ("batch_size", "lora_r", "states_per_episode", "max_turns", "env_batch"):
-            if getattr(self, name) < 1:
-                raise DialogRLError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0 or self.epochs <= 0:
-            raise DialogRLError("learning_rate and epochs must be positive")
+        check_at_least(self, 1, "batch_size", "states_per_episode", "max_turns", "env_batch")
+        check_number(self, "learning_rate", "epochs", above=0)
+        check_lora_fields(self)
 
     @property
     def files(self) -> list[str]:
@@ -118,12 +116,12 @@ def main_reward_model(config_path: str | None, overrides: list[str]) -> Path:
 def train_reward_model(cfg: RewardModelConfig) -> Path:
     """Train a reward model on ``cfg``'s pairs; write the run directory atomically and return it."""
     target = Path(cfg.output_dir)
-    if target.exists() and not cfg.overwrite:
-        raise DialogRLError(f"output_dir {target} already exists (set overwrite=true to replace it)")
+    check_output_dir(target, cfg.overwrite, cfg.files)
     if not cfg.files and not cfg.collect_episodes:
         raise DialogRLError("no pairs: set pairs_file and/or collect_episodes")
     pairs = [p for f in cfg.files for p in load_preference_pairs(f, system_prompt=cfg.system_prompt)]
     base = _base_model(cfg.model)  # after the data checks: the default base model may take minutes to build
+    _check_model(cfg, base)  # a model that does not load, or LoRA targets it lacks: one line, before collecting
     collected: dict[str, Any] = {}
     if cfg.collect_episodes:
         env_pairs, stats = collect_env_pairs(cfg)
@@ -134,9 +132,7 @@ def train_reward_model(cfg: RewardModelConfig) -> Path:
     train, held = split_pairs(pairs, cfg.eval_fraction, cfg.seed)
     import torch
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    tmp.chmod(0o755)
+    tmp = temp_dir_beside(target)
     threads = torch.get_num_threads()
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
@@ -153,13 +149,7 @@ def train_reward_model(cfg: RewardModelConfig) -> Path:
                                           "eval_pairs": len(held)},
                "metrics": metrics, "config": config_to_dict(cfg), "versions": package_versions()}
         (tmp / "run.json").write_text(json.dumps(run, indent=1) + "\n", encoding="utf-8")
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{tmp.name}")
-            target.rename(old)
-        tmp.rename(target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, target, cfg.overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -177,6 +167,37 @@ def _base_model(model: str) -> Path:
     if not (path / "config.json").is_file():
         raise DialogRLError(f"model '{model}': not a local model directory (no config.json; nothing is downloaded)")
     return path.resolve()
+
+
+def _load(base: Path) -> tuple[Any, Any]:
+    """The tokenizer (padding with eos if it has no pad token) and a one-score sequence classifier on ``base``; a
+    directory that holds no loadable causal LM is one clear error."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "score.weight newly initialised" is the point: it is the head we train
+    try:
+        AutoConfig.from_pretrained(base, local_files_only=True)  # a bad config.json, said plainly
+        tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DialogRLError(f"model '{base}': cannot load a causal LM and its tokenizer: {first}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, model
+
+
+def _check_model(cfg: RewardModelConfig, base: Path) -> None:
+    """Load ``base`` as training will (torch's random state left as it was) and match the LoRA targets on it."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        _, model = _load(base)
+    lora_config(model, cfg.lora_target_modules, r=cfg.lora_r, alpha=cfg.lora_alpha, task_type="SEQ_CLS")
 
 
 def _policy(spec: str, seed: int, cache: dict[str, Any]) -> Any:
@@ -234,20 +255,11 @@ def split_pairs(pairs: list[dict[str, Any]], eval_fraction: float,
 def _train(cfg: RewardModelConfig, base: Path, train: list[dict[str, Any]], held: list[dict[str, Any]],
            tmp: Path) -> tuple[dict[str, Any], int]:
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, PrinterCallback, set_seed
-    from transformers.utils import logging as hf_logging
+    from transformers import PrinterCallback, set_seed
     from trl import RewardConfig, RewardTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "score.weight newly initialised" is the point: it is the head we train
     set_seed(cfg.seed)  # the score head is initialised here, before the trainer seeds anything
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, local_files_only=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    tokenizer, model = _load(base)
     model.config.pad_token_id = tokenizer.pad_token_id  # the model finds each sequence's last token by the pad id
     max_length = min(cfg.max_length or model_context(model.config), model_context(model.config))
 

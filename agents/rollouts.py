@@ -13,6 +13,7 @@ from typing import Any
 
 import gymnasium as gym
 
+from dialogrl.config import check_at_least
 from dialogrl.evaluation import checked_env_kwargs, make_env
 from dialogrl.rewards.combine import batched_reward
 
@@ -31,6 +32,9 @@ class TrainingEnvConfig:
     """Agent turns per conversation."""
     env_batch: int = 64
     """Environments stepped side by side (conversations answered per generate call; per process under torchrun)."""
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 1, "max_turns", "env_batch")
 
     def env_factory(self) -> Callable[[], gym.Env]:
         """A constructor of the training environment; a bad id, reward spec or intent fails here, before any work."""

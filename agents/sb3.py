@@ -37,7 +37,9 @@ class SB3Config:
     algo: str = "ppo"
     """The SB3 algorithm: ``ppo`` or ``dqn`` (both with ``MultiInputPolicy`` on the Dict observation)."""
     timesteps: int = 100_000
-    """Environment steps (agent turns, summed over the parallel environments) to train for at most."""
+    """Environment steps (agent turns, summed over the parallel environments) to train for. SB3 collects whole
+    rollouts, so it rounds up: to a multiple of ``n_envs * n_steps`` for PPO (512 by default), of
+    ``n_envs * train_freq`` for DQN; ``train.json`` and the printed line give the steps taken."""
     time_limit_s: float | None = None
     """Stop training after this many seconds of wall time even before ``timesteps`` (then not reproducible)."""
     seed: int = 0
@@ -105,6 +107,8 @@ class SB3Config:
     """Agent turns before an episode is truncated."""
     out: str = "runs/sb3"
     """Output folder: ``model.zip``, ``eval.json``, ``train.json``, ``config.yaml``."""
+    overwrite: bool = False
+    """Replace ``out`` if it exists; only an earlier sb3 run (``model.zip`` and ``config.yaml``) is ever replaced."""
 
     def __post_init__(self) -> None:
         if self.algo not in ALGOS:
@@ -121,6 +125,11 @@ class SB3Config:
         for name in ("split", "eval_split"):
             if getattr(self, name) not in ("train", "test"):
                 raise DialogRLError(f"sb3 config: {name} must be 'train' or 'test', got '{getattr(self, name)}'")
+        for name in ("seed", "eval_seed"):
+            if getattr(self, name) < 0:
+                raise DialogRLError(f"sb3 config: {name} must be zero or positive, got {getattr(self, name)}")
+        if not str(self.out).strip() or Path(self.out).name in ("", ".", ".."):
+            raise DialogRLError(f"sb3 config: out must name a folder (e.g. runs/sb3), got {str(self.out)!r}")
 
     def env_kwargs(self, training: bool = False) -> dict[str, Any]:
         """Environment keyword arguments without the split (the training reward when ``training``)."""
@@ -288,8 +297,7 @@ def train_sb3(config: SB3Config) -> dict[str, Any]:
     from dialogrl.config import dump_config
 
     out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise DialogRLError(f"output path {out} exists and is not a folder")
+    check_out_dir(out, config.overwrite)  # before minutes of training
     out.parent.mkdir(parents=True, exist_ok=True)
     model, stats = train_model(config)
     result = evaluate_model(model, config)
@@ -300,11 +308,28 @@ def train_sb3(config: SB3Config) -> dict[str, Any]:
         write_json(result, tmp / "eval.json")
         write_json(stats, tmp / "train.json")
         dump_config(config, tmp / "config.yaml")
+        check_out_dir(out, config.overwrite)  # again: something may have appeared there while the run trained
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"out": str(out), "train": stats, "eval": result}
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """``out`` may be written: it does not exist, is an empty folder, or (with ``overwrite``) holds an earlier sb3
+    run. A user's own files are never replaced."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise DialogRLError(f"output path {out} exists and is not a folder")
+    if not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise DialogRLError(f"output folder {out} already exists (add overwrite=true to replace an earlier sb3 run)")
+    if not ((out / "model.zip").is_file() and (out / "config.yaml").is_file()):
+        raise DialogRLError(f"output folder {out} is not an sb3 run (no model.zip and config.yaml); overwrite=true "
+                            "replaces only an earlier sb3 run, so nothing was deleted")
 
 
 def _umask() -> int:
@@ -355,6 +380,9 @@ def main_sb3(algo: str = "ppo", timesteps: int | None = None, out: str | Path | 
     result = train_sb3(cfg)
     random = evaluate_random_acts(cfg.eval_episodes, cfg.eval_seed, cfg.env_kwargs(), cfg.eval_split)
     trained, baseline, stats = result["eval"]["metrics"], random["metrics"], result["train"]
+    if stats["timesteps"] > cfg.timesteps:  # SB3 trains whole rollouts: say so rather than let the count surprise
+        rollout = cfg.n_envs * (cfg.n_steps if cfg.algo == "ppo" else cfg.train_freq)
+        print(f"sb3-{cfg.algo}: timesteps {cfg.timesteps} rounded up to whole rollouts of {rollout} steps")
     print(f"sb3-{cfg.algo}: {stats['timesteps']} steps in {stats['seconds']:.1f}s; test success "
           f"{trained['success_rate']:.3f} vs random acts {baseline['success_rate']:.3f} "
           f"({cfg.eval_episodes} episodes, eval seed {cfg.eval_seed}) -> {cfg.out}")

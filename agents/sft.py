@@ -15,17 +15,17 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from dialogrl.agents.lora import lora_config
+from dialogrl.agents.lora import check_lora_fields, lora_config
 from dialogrl.agents.trl_args import cpu_trainer_args
 from dialogrl.agents.versions import package_versions
-from dialogrl.config import config_to_dict, dump_config, load_config
+from dialogrl.config import check_number, config_to_dict, dump_config, load_config
 from dialogrl.data import DEFAULT_SYSTEM_PROMPT, filter_success, load_conversations
+from dialogrl.outputs import check_output_dir, replace_dir, temp_dir_beside
 from dialogrl.types import DialogRLError
 
 
@@ -98,19 +98,42 @@ class SFTConfig:
             raise DialogRLError(f"max_steps must be -1 or positive, got {self.max_steps}")
         if self.torch_threads < 0:
             raise DialogRLError(f"torch_threads must be >= 0, got {self.torch_threads}")
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "lora_r", "max_length",
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
                      "logging_steps", "eval_steps"):
             if getattr(self, name) < 1:
                 raise DialogRLError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.early_stopping_patience < 0:
             raise DialogRLError(f"early_stopping_patience must be >= 0, got {self.early_stopping_patience}")
-        if self.learning_rate <= 0:
-            raise DialogRLError(f"learning_rate must be positive, got {self.learning_rate}")
+        check_number(self, "learning_rate", above=0)
+        check_number(self, "weight_decay", at_least=0)
+        if self.max_steps == -1:  # else max_steps decides and the epochs are not read
+            check_number(self, "num_train_epochs", above=0)
+        check_lora_fields(self)
+        _check_scheduler(self.lr_scheduler_type, self.eval_fraction)
 
     @property
     def train_files(self) -> list[str]:
         """``train_file`` as a list."""
         return [self.train_file] if isinstance(self.train_file, str) else list(self.train_file)
+
+
+SCHEDULERS_NEEDING_KWARGS = ("cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+"""Transformers schedules that need ``lr_scheduler_kwargs``, which this config does not set."""
+SCHEDULERS_ON_EVAL_LOSS = ("reduce_lr_on_plateau", "greedy")
+"""Transformers schedules that step on the validation loss, so need ``eval_fraction`` > 0."""
+
+
+def _check_scheduler(name: str, eval_fraction: float) -> None:
+    from transformers.trainer_utils import SchedulerType
+
+    known = [s.value for s in SchedulerType]
+    if name not in known or name in SCHEDULERS_NEEDING_KWARGS:
+        why = ("needs lr_scheduler_kwargs, which dialogrl sft does not set" if name in known
+               else "not a transformers SchedulerType")
+        usable = ", ".join(n for n in known if n not in SCHEDULERS_NEEDING_KWARGS)
+        raise DialogRLError(f"lr_scheduler_type={name}: {why}; use one of {usable}")
+    if name in SCHEDULERS_ON_EVAL_LOSS and eval_fraction == 0:
+        raise DialogRLError(f"lr_scheduler_type={name}: steps on the validation loss, so needs eval_fraction > 0")
 
 
 def main_sft(config_path: str | None, overrides: list[str]) -> Path:
@@ -123,8 +146,7 @@ def train_sft(config: SFTConfig) -> Path:
     target = Path(config.output_dir)
     if config.model:
         _check_model_dir(Path(config.model))
-    if target.exists() and not config.overwrite:
-        raise DialogRLError(f"output_dir {target} already exists (set overwrite=true to replace it)")
+    check_output_dir(target, config.overwrite, config.train_files)
     rows = _load_rows(config)
     if not config.model:  # resolved only once the data has loaded: building the base model takes minutes
         from dialogrl.policies.bootstrap import default_base_model
@@ -132,8 +154,7 @@ def train_sft(config: SFTConfig) -> Path:
         config = replace(config, model=str(default_base_model().resolve()))
     train_rows, eval_rows = _split(rows, config.eval_fraction, config.seed)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    tmp = temp_dir_beside(target)
     try:
         metrics = _train(config, train_rows, eval_rows, tmp)
         metrics["loaded_conversations"] = len(rows)
@@ -148,7 +169,7 @@ def train_sft(config: SFTConfig) -> Path:
             "metrics": metrics,
         }
         (tmp / "run.json").write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
-        _replace_dir(tmp, target, config.overwrite)
+        replace_dir(tmp, target, config.overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -321,16 +342,3 @@ def _step_of(checkpoint: str | None) -> int | None:
         return int(Path(checkpoint).name.rsplit("-", 1)[-1])
     except ValueError:
         return None
-
-
-def _replace_dir(tmp: Path, target: Path, overwrite: bool) -> None:
-    """Rename the finished run into place; an old run is moved aside first and deleted only after."""
-    old = None
-    if target.exists():
-        if not overwrite:
-            raise DialogRLError(f"output_dir {target} already exists (set overwrite=true to replace it)")
-        old = target.with_name(f".{target.name}.old-{tmp.name}")
-        target.rename(old)
-    tmp.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -36,7 +36,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=60.0, help="training wall-time budget per seed")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     parser.add_argument("--episodes", type=int, default=500, help="held-out test episodes")
     parser.add_argument("--eval-seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/sb3_learning.json")

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -14,7 +18,16 @@ from dialogrl.types import DialogRLError
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line instead of usage + error
-        raise DialogRLError(f"{self.prog}: {message}")
+        command = self.prog.partition(" ")[2]  # "dialogrl sft" -> "sft"; the top level adds nothing
+        raise DialogRLError(f"{command}: {message}" if command else message)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``), raised like Ctrl-C so every half-written run is cleaned up on the way out."""
+
+
+def _terminate(signum: int, frame: Any) -> NoReturn:
+    raise Terminated()
 
 
 def _count(text: str) -> int:
@@ -25,6 +38,35 @@ def _count(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or positive, got {value}")
+    return value
+
+
+def _out_path(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"empty path {text!r}")
+    return Path(text)
+
+
+def check_out_file(path: Path) -> None:
+    """Fail before any work when ``--out`` cannot become a file: one line naming the user's path."""
+    if path.is_dir():
+        raise DialogRLError(f"--out {path}: is a directory; give a file path, e.g. {path / 'eval.json'}")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the nearest existing folder; the rest is created
+        folder = folder.parent
+    if not folder.is_dir():
+        raise DialogRLError(f"--out {path}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DialogRLError(f"--out {path}: cannot write in {folder} (permission denied)")
 
 
 def _env_args(p: argparse.ArgumentParser, split: str) -> None:
@@ -59,14 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("logs", help="write conversation logs (HF messages JSONL) from a scripted policy")
     p.add_argument("--policy", default="historical")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=_out_path)
     _error_args(p)
     _env_args(p, "train")
 
     p = sub.add_parser("eval", help="evaluate a policy on held-out scenarios")
     p.add_argument("--policy", required=True, help="expert | historical | random | a run directory")
     p.add_argument("--repeats", type=_count, default=1, help="episodes per scenario (for pass^k)")
-    p.add_argument("--out", type=Path)
+    p.add_argument("--out", type=_out_path)
     p.add_argument("--method", help="method name in reports (default: the run's method, else the policy's name)")
     p.add_argument("--decoding", choices=["greedy", "sampled"],
                    help="replies of a language-model run directory (default: greedy)")
@@ -80,9 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sb3", help="train stable-baselines3 on the dialogue-act env and evaluate it")
     p.add_argument("--algo", default="ppo", choices=["ppo", "dqn"])
-    p.add_argument("--timesteps", type=_count, help="default: configs/sb3.yaml")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--timesteps", type=_count,
+                   help="default: configs/sb3.yaml; rounded up to whole rollouts (PPO collects n_envs * n_steps = "
+                        "512 steps per rollout by default, DQN n_envs per step), and the run prints the steps taken")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--out", required=True, type=_out_path,
+                   help="output folder; an existing one is refused unless overwrite=true and it holds an earlier "
+                        "sb3 run")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="SB3Config overrides (configs/sb3.yaml), e.g. overwrite=true")
 
     p = sub.add_parser("bootstrap", help="build (or reuse from the cache) the offline base model")
     p.add_argument("--out", type=Path, help="also copy the model here")
@@ -134,17 +182,27 @@ def _load_policy(spec: str, seed: int, errors: list[str] | None = None, decoding
 
 
 def _run_info(run_dir: Path) -> dict[str, Any]:
-    """``run.json`` of a training run directory ({} for an adapter or model directory)."""
+    """``run.json`` of a training run directory ({} for an adapter or model directory); the fields an evaluation
+    records (``method``, ``seed``) are checked here, before any model is loaded."""
+    file = run_dir / "run.json"
     try:
-        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        info = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return info if isinstance(info, dict) else {}
+    if not isinstance(info, dict):
+        return {}
+    method, seed = info.get("method"), info.get("seed")
+    if method is not None and not (isinstance(method, str) and method.strip()):
+        raise DialogRLError(f"{file}: key 'method' must be a non-empty string, got {method!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise DialogRLError(f"{file}: key 'seed' (the training seed) must be a whole number, got {seed!r}")
+    return info
 
 
 def _cmd_logs(args: argparse.Namespace) -> None:
     from dialogrl.evaluation import make_env, require_text_env, run_episodes, scenario_seeds, text_policy_act
 
+    check_out_file(args.out)
     policy = _load_policy(args.policy, args.seed, args.errors)
     kwargs = {"split": args.split, **_env_kwargs(args)}
     require_text_env(args.env, kwargs)
@@ -157,34 +215,27 @@ def _cmd_logs(args: argparse.Namespace) -> None:
 
 def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:
     """Conversation logs: ``messages`` first, metadata beside it; written atomically."""
-    import os
-    import tempfile
+    from dialogrl.outputs import write_text_atomic
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                row = {"messages": r["messages"], "intent": r["intent"], "persona": r["persona"],
-                       "seed": r["scenario_seed"], "success": r["success"], "return": r["return"],
-                       "reward_components": r["reward_components"]}
-                f.write(json.dumps(row) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, "".join(json.dumps({
+        "messages": r["messages"], "intent": r["intent"], "persona": r["persona"], "seed": r["scenario_seed"],
+        "success": r["success"], "return": r["return"], "reward_components": r["reward_components"]}) + "\n"
+        for r in records))
 
 
 def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from dialogrl.evaluation import evaluate, write_json
+    from dialogrl.evaluation import evaluate, require_text_env, write_json
     from dialogrl.policies.scripted import SCRIPTED
 
+    if args.out is not None:
+        check_out_file(args.out)
     scripted = args.policy in SCRIPTED
     if scripted and args.decoding:
         raise DialogRLError(f"--decoding applies to language-model run directories, not '{args.policy}'")
     decoding = "scripted" if scripted else args.decoding or "greedy"
-    policy = _load_policy(args.policy, args.seed, args.errors, decoding)
     run = {} if scripted else _run_info(Path(args.policy))  # the recorded name and seed: compare pools seeds
+    require_text_env(args.env, {"split": args.split, **_env_kwargs(args)})  # bad env options fail before a model loads
+    policy = _load_policy(args.policy, args.seed, args.errors, decoding)
     method, training_seed = args.method or run.get("method"), run.get("seed")
     result = evaluate(policy, args.env, split=args.split, episodes=args.episodes, seed=args.seed,
                       repeats=args.repeats, env_kwargs=_env_kwargs(args), method=method, decoding=decoding,
@@ -216,7 +267,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 def _cmd_sb3(args: argparse.Namespace) -> None:
     from dialogrl.agents.sb3 import main_sb3
 
-    main_sb3(args.algo, args.timesteps, args.out, args.seed)
+    main_sb3(args.algo, args.timesteps, args.out, args.seed, overrides=args.overrides)
 
 
 def _cmd_bootstrap(args: argparse.Namespace) -> None:
@@ -271,6 +322,9 @@ COMMANDS = {"envs": _cmd_envs, "rewards": _cmd_rewards, "logs": _cmd_logs, "eval
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
+    _quiet_libraries()
     try:
         args = build_parser().parse_args(argv)
         COMMANDS[args.command](args)
@@ -280,10 +334,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # unwritable --out, missing file: one line, not a traceback
         print(f"dialogrl: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("dialogrl: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print("dialogrl: terminated" if isinstance(exc, Terminated) else "dialogrl: interrupted", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     return 0
+
+
+def _quiet_libraries() -> None:
+    """No per-load progress bars ("Loading weights") from transformers: errors stay one line, logs stay readable.
+    Training bars (ours, the Trainer's) are tqdm's own and unaffected. Read when transformers is first imported
+    (later, by the command), so nothing heavy is imported here; a value the user set wins."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # peft asks transformers a deprecated question on every adapter load; the answer is right, the warning noise.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ one clear :class:`~dialogrl.types.DialogRLError` line naming the file, key and v
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-import tempfile
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -48,18 +48,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
 
 def dump_config(instance: Any, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically: a temp file renamed into place). Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config_to_dict(instance), sort_keys=False, allow_unicode=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from dialogrl.outputs import write_text_atomic
+
+    return write_text_atomic(path, yaml.safe_dump(config_to_dict(instance), sort_keys=False, allow_unicode=True))
 
 
 def config_to_dict(instance: Any) -> dict[str, Any]:
@@ -75,6 +66,32 @@ def yaml_value(text: str) -> Any:
         return yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         return text
+
+
+def check_at_least(cfg: Any, minimum: int, *names: str) -> None:
+    """Each named field of ``cfg`` is at least ``minimum``, else one line: ``name=value: must be at least N``."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value < minimum:
+            raise DialogRLError(f"{name}={value}: must be at least {minimum}")
+
+
+def check_number(cfg: Any, *names: str, above: float | None = None, at_least: float | None = None,
+                 below: float | None = None, at_most: float | None = None) -> None:
+    """Each named field of ``cfg`` is a finite number within the bounds given (NaN and inf never are), else one
+    line naming the key and the value, e.g. ``learning_rate=nan: must be a finite number > 0``."""
+    if (above is not None or at_least is not None) and (below is not None or at_most is not None):
+        left = f"({above}" if above is not None else f"[{at_least}"
+        right = f"{below})" if below is not None else f"{at_most}]"
+        bounds = f" in {left}, {right}"
+    else:
+        bounds = "".join(f" {op} {limit}" for op, limit in ((">", above), (">=", at_least), ("<", below),
+                                                             ("<=", at_most)) if limit is not None)
+    for name in names:
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and (above is None or value > above) and (at_least is None or value >= at_least)
+                and (below is None or value < below) and (at_most is None or value <= at_most)):
+            raise DialogRLError(f"{name}={value}: must be a finite number{bounds}")
 
 
 def read_yaml(path: Path, what: str = "config file") -> Any:

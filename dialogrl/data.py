@@ -214,7 +214,7 @@ def _read_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DialogRLError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                raise DialogRLError(f"{where}: not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})") from None
             if not isinstance(row, dict):
                 raise DialogRLError(f"{where}: expected a JSON object, got {type(row).__name__}")
             yield where, row

@@ -7,8 +7,6 @@ Scenario seeds are derived from one seed, so two policies evaluated with the sam
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from dialogrl.outputs import write_text_atomic
 from dialogrl.rewards.combine import batched_reward
 from dialogrl.types import DialogRLError
 
@@ -33,12 +32,23 @@ def scenario_seeds(seed: int, episodes: int) -> list[int]:
 
 
 def make_env(env_id: str, **kwargs: Any) -> gym.Env:
-    """``gym.make`` with a one-line error for unknown ids."""
+    """``gym.make`` of a dialogrl id, with one-line errors for unknown or foreign ids and for intents that
+    contradict the id (``dialogrl/Refund-v0`` is the refund intent only; ``gym.make`` would let ``intents``
+    silently replace it while results still carry the id)."""
     import dialogrl.envs  # noqa: F401  (registers the ids)
 
+    known = ", ".join(sorted(k for k in gym.registry if k.startswith("dialogrl/")))
     if env_id not in gym.registry:
-        known = ", ".join(sorted(k for k in gym.registry if k.startswith("dialogrl/")))
         raise DialogRLError(f"unknown env id '{env_id}'; registered: {known}")
+    if not env_id.startswith("dialogrl/"):
+        raise DialogRLError(f"env id '{env_id}' is not a dialogrl environment; use one of: {known}")
+    fixed, wanted = gym.registry[env_id].kwargs.get("intents"), kwargs.get("intents")
+    if fixed is not None and wanted is not None:
+        outside = [i for i in ([wanted] if isinstance(wanted, str) else wanted) if i not in fixed]
+        if outside:
+            raise DialogRLError(f"intent '{outside[0]}' conflicts with env '{env_id}', which is intent "
+                                f"{', '.join(repr(i) for i in fixed)} only; choose intents on "
+                                "dialogrl/CustomerService-v0 instead")
     return gym.make(env_id, disable_env_checker=True, **kwargs)
 
 
@@ -204,17 +214,4 @@ def evaluate(
 
 def write_json(data: Any, path: str | Path) -> Path:
     """Write JSON atomically: a temp file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, json.dumps(data, indent=1))

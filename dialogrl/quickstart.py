@@ -18,6 +18,8 @@ from dialogrl.rewards.reward_model import ENV_PATHS
 from dialogrl.types import DialogRLError
 
 METHODS = ("sft", "sft-filtered", "ppo", "dpo", "ppo-rm", "sft-expert")
+SCRIPTED_REFERENCES = ("expert", "historical")
+"""Scripted policies the job evaluates beside the trained methods (each can be the ``baseline``)."""
 LEARNED_REWARD = "dialogrl.rewards.reward_model:from_env"
 """The reward spec ``ppo-rm`` trains on: the reward model(s) named by $DIALOGRL_REWARD_MODEL, nothing else."""
 
@@ -70,7 +72,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     from dialogrl.agents.dpo import DPOConfig, train_dpo
     from dialogrl.agents.ppo import PPOConfig, evaluate_run, train_ppo
     from dialogrl.agents.sft import SFTConfig, train_sft
-    from dialogrl.config import load_config
+    from dialogrl.config import check_at_least, load_config
     from dialogrl.evaluation import (
         evaluate,
         make_env,
@@ -84,11 +86,15 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     from dialogrl.policies.scripted import make_scripted
     from dialogrl.report import compare, format_table
 
+    check_at_least(cfg, 1, "seeds", "log_episodes", "eval_episodes")
     if cfg.scripted_only:
         return _scripted_only(cfg)
     unknown = sorted(set(cfg.methods) - set(METHODS))
     if unknown:
         raise DialogRLError(f"unknown method '{unknown[0]}' in quickstart; known: {', '.join(METHODS)}")
+    if cfg.baseline not in cfg.methods and cfg.baseline not in SCRIPTED_REFERENCES:
+        raise DialogRLError(f"baseline={cfg.baseline}: neither one of the methods ({', '.join(cfg.methods)}) nor a "
+                            f"scripted reference ({', '.join(SCRIPTED_REFERENCES)})")
     for rl in ("ppo", "dpo", "ppo-rm"):
         if rl in cfg.methods and cfg.methods.index(rl) < (cfg.methods + ["sft"]).index("sft"):
             raise DialogRLError(f"{rl} starts from the sft run: put 'sft' before '{rl}' in methods")

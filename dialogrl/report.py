@@ -6,13 +6,13 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dialogrl.outputs import temp_dir_beside
 from dialogrl.stats import paired_bootstrap_ci, pass_hat_k, wilson_interval
 from dialogrl.types import DialogRLError
 
@@ -114,6 +114,14 @@ def _check_same_setting(evals: list[dict[str, Any]]) -> None:
         if key in seen:
             raise DialogRLError(f"{e['_path']}: given twice (it would be counted as two training seeds)")
         seen[key] = e["_path"]
+    same: dict[tuple[str, str, str, str], str] = {}  # a copy of one evaluation at another path is still one run
+    for e in evals:
+        identity = (e["_method"], json.dumps(e.get("training_seed")), str(e.get("decoding", "unknown")),
+                    json.dumps(e["records"], sort_keys=True))
+        if identity in same:
+            raise DialogRLError(f"{e['_path']} and {same[identity]} hold the same evaluation (method, training seed, "
+                                "decoding and records): it would be counted as two runs; give each run once")
+        same[identity] = e["_path"]
     for field in ("env_id", "split"):
         values = {str(e[field]): e["_path"] for e in evals if field in e}
         if len(values) > 1:
@@ -364,8 +372,7 @@ def _write(report: dict[str, Any], out_dir: Path) -> None:
         raise DialogRLError(f"{out_dir}: exists and is not a directory")
     tmp: Path | None = None
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+        tmp = temp_dir_beside(out_dir)
         (tmp / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False), encoding="utf-8")
         (tmp / "report.md").write_text(_markdown(report), encoding="utf-8")
         _plot(report, tmp / "report.png")

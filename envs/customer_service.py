@@ -259,8 +259,15 @@ def _select_scenarios(intents: Sequence[str] | None, scenario_files: Any) -> lis
     if scenario_files:
         files = [scenario_files] if isinstance(scenario_files, str | Path) else list(scenario_files)
         extra = [load_scenario(f) for f in files]
-        names = {s.intent for s in extra}
-        scenarios = [s for s in scenarios if s.intent not in names] + extra
+        builtin = {s.intent for s in scenarios}
+        taken = {s.intent: s for s in scenarios}
+        for s in extra:  # a user file never silently replaces a built-in intent or another file's intent
+            if s.intent in taken:
+                what = "a built-in intent, from" if s.intent in builtin else "also defined in"
+                raise DialogRLError(f"scenario file {s.source}: intent '{s.intent}' is {what} "
+                                    f"{taken[s.intent].source}; give the scenario its own intent name")
+            taken[s.intent] = s
+        scenarios = scenarios + extra
     if intents is not None:
         if isinstance(intents, str):
             intents = [intents]

@@ -6,6 +6,7 @@ missing a key fails with one line naming the file and the key.
 
 from __future__ import annotations
 
+import math
 import string
 from dataclasses import dataclass, field
 from functools import cache
@@ -60,6 +61,8 @@ PRODUCTS = (
 ITEM_NAMES = [p.name for p in PRODUCTS]
 _CATALOGUE = {p.name: p for p in PRODUCTS}
 _ANY_STATUS = {"processing": 1, "shipped": 1, "delivered": 1}
+ORDER_KEYS = ("status", "days_since_delivery", "refunded_prob")
+ACCOUNT_KEYS = ("locked_prob", "subscription_prob")
 
 
 @dataclass
@@ -96,6 +99,12 @@ def load_scenario(path: str | Path) -> Scenario:
     keys = ["intent", "summary", "target", "resolution", "requires_verification", "inform",
             "templates.train", "templates.test"]
     values = {k: _require(data, k, path) for k in keys}
+    for key in ("intent", "summary"):
+        if not isinstance(values[key], str) or not values[key].strip():
+            raise DialogRLError(f"scenario file {path}: key '{key}' must be a non-empty string, got {values[key]!r}")
+    if not isinstance(values["requires_verification"], bool):
+        raise DialogRLError(f"scenario file {path}: key 'requires_verification' must be true or false, "
+                            f"got {values['requires_verification']!r}")
     if values["target"] not in TARGETS:
         raise DialogRLError(f"scenario file {path}: key 'target' must be one of {TARGETS}, got {values['target']!r}")
     if values["resolution"] not in RESOLUTIONS:
@@ -105,14 +114,17 @@ def load_scenario(path: str | Path) -> Scenario:
         lines = values[f"templates.{split}"]
         if not isinstance(lines, list) or not lines or not all(isinstance(t, str) for t in lines):
             raise DialogRLError(f"scenario file {path}: key 'templates.{split}' must be a non-empty list of strings")
-    if not isinstance(values["inform"], list):
+    if not isinstance(values["inform"], list) or not all(isinstance(x, str) for x in values["inform"]):
         raise DialogRLError(f"scenario file {path}: key 'inform' must be a list of strings")
     for key in ("order", "account"):
         if data.get(key) is not None and not isinstance(data[key], dict):
             raise DialogRLError(f"scenario file {path}: key '{key}' must be a mapping, got {data[key]!r}")
     days = (data.get("order") or {}).get("days_since_delivery", [1, 90])
-    if not (isinstance(days, list) and len(days) == 2 and all(isinstance(d, int) for d in days) and days[0] <= days[1]):
-        raise DialogRLError(f"scenario file {path}: key 'order.days_since_delivery' must be [low, high], got {days!r}")
+    if not (isinstance(days, list) and len(days) == 2 and all(isinstance(d, int) and not isinstance(d, bool)
+                                                               for d in days) and 0 <= days[0] <= days[1]):
+        raise DialogRLError(f"scenario file {path}: key 'order.days_since_delivery' must be [low, high] whole days "
+                            f"with 0 <= low <= high, got {days!r}")
+    _check_draws(path, data)
     _check_fields(path, "inform", values["inform"], INFORM_FIELDS)
     for split in SPLITS:
         _check_fields(path, f"templates.{split}", values[f"templates.{split}"], TEMPLATE_FIELDS)
@@ -128,6 +140,36 @@ def load_scenario(path: str | Path) -> Scenario:
         templates={s: list(values[f"templates.{s}"]) for s in SPLITS},
         order=dict(data.get("order") or {}), account=dict(data.get("account") or {}), source=str(path),
     )
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_draws(path: Path, data: dict) -> None:
+    """The ``order`` and ``account`` draws: known keys, probabilities in [0, 1], status weights that can be drawn."""
+    for section, allowed in (("order", ORDER_KEYS), ("account", ACCOUNT_KEYS)):
+        for key, value in (data.get(section) or {}).items():
+            if key not in allowed:
+                raise DialogRLError(f"scenario file {path}: unknown key '{section}.{key}'; known: "
+                                    + ", ".join(f"{section}.{k}" for k in allowed))
+            if str(key).endswith("_prob") and not (_number(value) and 0 <= value <= 1):
+                raise DialogRLError(f"scenario file {path}: key '{section}.{key}' must be a probability in [0, 1], "
+                                    f"got {value!r}")
+    weights = (data.get("order") or {}).get("status", _ANY_STATUS)
+    statuses = ", ".join(_ANY_STATUS)
+    if not isinstance(weights, dict) or not weights:
+        raise DialogRLError(f"scenario file {path}: key 'order.status' must map order statuses ({statuses}) to "
+                            f"weights, e.g. {{delivered: 1}}, got {weights!r}")
+    for name, weight in weights.items():
+        if name not in _ANY_STATUS:
+            raise DialogRLError(f"scenario file {path}: key 'order.status': unknown status {name!r}; known: {statuses}")
+        if not (_number(weight) and weight >= 0):
+            raise DialogRLError(f"scenario file {path}: key 'order.status.{name}' must be a non-negative number, "
+                                f"got {weight!r}")
+    if not (0 < sum(weights.values()) < math.inf):
+        raise DialogRLError(f"scenario file {path}: key 'order.status' weights must have a positive, finite sum, "
+                            f"got {weights!r}")
 
 
 def _check_fields(path: Path, key: str, texts: list, allowed: frozenset[str]) -> None:

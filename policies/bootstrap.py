@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from dialogrl.outputs import temp_dir_beside
 from dialogrl.types import DialogRLError, Message
 
 BUILD_VERSION = "b3"
@@ -165,8 +165,7 @@ def build_base_model(config: BootstrapConfig, corpus: Iterable[list[Message]], o
     conversations = [_check_conversation(c, i) for i, c in enumerate(corpus)]
     if not conversations:
         raise DialogRLError("the base-model corpus is empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp = temp_dir_beside(out)
     try:
         started = time.perf_counter()
         tokenizer = train_tokenizer(config, conversations)

@@ -95,23 +95,27 @@ class LMPolicy:
                         generation: GenerationSettings | None = None, name: str | None = None,
                         merge_adapter: bool = True) -> LMPolicy:
         """Load a local model directory, and a LoRA adapter directory on top (merged for speed by default)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         model_dir = _local_dir(model_path, "model", "config.json")
-        adapter_dir = _local_dir(adapter_path, "adapter", "adapter_config.json") if adapter_path else None
+        adapter_dir = check_adapter_dir(adapter_path) if adapter_path else None
         # An adapter directory that ships a tokenizer (SFT saves one) wins: it is what training used.
         tok_dir = adapter_dir if adapter_dir and (adapter_dir / "tokenizer_config.json").is_file() else model_dir
+        where = model_dir  # what the error names: the directory being loaded when it came
         try:
+            AutoConfig.from_pretrained(model_dir, local_files_only=True)  # a bad config.json, said plainly
+            where = tok_dir
             tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+            where = model_dir
             model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
             if adapter_dir is not None:
                 from peft import PeftModel
 
+                where = adapter_dir
                 model = PeftModel.from_pretrained(model, adapter_dir)
                 if merge_adapter:
                     model = model.merge_and_unload()
         except (OSError, ValueError, KeyError) as exc:
-            where = adapter_dir or model_dir
             raise DialogRLError(f"cannot load a model from '{where}': {str(exc).splitlines()[0]}") from None
         model.eval()
         return cls(model, tokenizer, generation, name=name or (adapter_dir or model_dir).name,
@@ -125,23 +129,7 @@ class LMPolicy:
         ``decoding``: ``greedy`` or ``sampled`` (at the run's training temperature if it recorded one, else 1).
         ``generation`` overrides both.
         """
-        path = _local_dir(run_dir, "run", None)
-        run: dict[str, Any] = {}
-        if (path / "run.json").is_file():
-            try:
-                run = json.loads((path / "run.json").read_text())
-                base = Path(run["base_model"])
-            except (ValueError, KeyError, TypeError) as exc:
-                raise DialogRLError(f"{path / 'run.json'}: unreadable or without 'base_model' ({exc})") from None
-            base = base if base.is_absolute() else path / base
-            adapter: Path | None = path / run.get("adapter", "adapter")
-        elif (path / "adapter_config.json").is_file():
-            config = json.loads((path / "adapter_config.json").read_text())
-            base, adapter = Path(config.get("base_model_name_or_path") or ""), path
-        elif (path / "config.json").is_file():
-            base, adapter = path, None
-        else:
-            raise DialogRLError(f"'{path}': not a run directory (run.json), an adapter or a model directory")
+        path, base, adapter, run = run_dir_parts(run_dir)
         if generation is None:
             if decoding not in ("greedy", "sampled"):
                 raise DialogRLError(f"decoding '{decoding}': use greedy or sampled")
@@ -296,6 +284,48 @@ def _end_of_turn_id(tokenizer: Any) -> int:
     if tokenizer.eos_token_id is None:
         raise DialogRLError("the tokenizer has neither an <|end|> token nor an eos token to stop replies at")
     return int(tokenizer.eos_token_id)
+
+
+def run_dir_parts(run_dir: str | Path) -> tuple[Path, Path, Path | None, dict[str, Any]]:
+    """(directory, base model, adapter or None, run.json data) of a run directory (``run.json`` naming
+    ``base_model`` and ``adapter``), an adapter directory or a model directory; anything else is one clear error.
+    Only ``run.json`` and ``adapter_config.json`` are read: nothing is loaded."""
+    path = _local_dir(run_dir, "run", None)
+    run: dict[str, Any] = {}
+    if (path / "run.json").is_file():
+        try:
+            run = json.loads((path / "run.json").read_text())
+            base = Path(run["base_model"])
+            adapter: Path | None = path / run.get("adapter", "adapter")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise DialogRLError(f"{path / 'run.json'}: unreadable or without 'base_model' ({exc})") from None
+        base = base if base.is_absolute() else path / base
+    elif (path / "adapter_config.json").is_file():
+        base, adapter = Path(_adapter_config(path).get("base_model_name_or_path") or ""), path
+    elif (path / "config.json").is_file():
+        base, adapter = path, None
+    else:
+        raise DialogRLError(f"'{path}': not a run directory (run.json), an adapter or a model directory")
+    return path, base, adapter, run
+
+
+def check_adapter_dir(path: str | Path) -> Path:
+    """``path`` as a saved PEFT adapter directory (``adapter_config.json`` naming its ``peft_type``), or one
+    clear error."""
+    adapter = _local_dir(path, "adapter", "adapter_config.json")
+    if not _adapter_config(adapter).get("peft_type"):
+        raise DialogRLError(f"adapter '{path}': adapter_config.json has no peft_type; it is not a saved PEFT adapter")
+    return adapter
+
+
+def _adapter_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((path / "adapter_config.json").read_text())
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise DialogRLError(f"{path / 'adapter_config.json'}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise DialogRLError(f"{path / 'adapter_config.json'}: expected a JSON object")
+    return config
 
 
 def _local_dir(path: str | Path | None, what: str, marker: str | None) -> Path:

@@ -252,7 +252,8 @@ def reward_from_env() -> RewardModelReward:
     if key not in _FROM_ENV:
         dirs = [p.strip() for p in paths.split(",") if p.strip()]
         if not dirs:
-            raise DialogRLError(f"reward 'from_env': set {ENV_PATHS} to one or more reward-model run directories")
+            raise DialogRLError(f"the learned reward (reward_model, reward_model_final) reads its models from {ENV_PATHS}: "
+                                "set it to one or more reward-model run directories")
         try:
             value = float(penalty)
         except ValueError:

@@ -243,3 +243,89 @@ def test_bad_input_is_one_line_and_exit_code_2(
         assert word.lower() in line.lower(), (word, line)
     assert sorted(p.name for p in cwd.iterdir() if not p.name.endswith(".yaml")) == []  # nothing half-written
 
+
+
+# --- bad input checked before any work, in process: one line naming the problem, nothing written -------------
+
+
+def one_line_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dialogrl: error: "), err
+    return err.strip()
+
+
+@pytest.mark.parametrize("command", ["eval", "logs"])
+def test_foreign_gymnasium_id_is_refused_listing_the_dialogrl_ids(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                 command: str) -> None:
+    argv = [command, "--policy", "expert", "--episodes", "2", "--env", "CartPole-v1", "--out", str(tmp_path / "o")]
+    line = one_line_error(argv, capsys)
+    assert "'CartPole-v1' is not a dialogrl environment" in line
+    assert all(env_id in line for env_id in ENV_IDS)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_per_intent_env_and_a_conflicting_intent_are_refused(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "eval.json"
+    for command in ("eval", "logs"):
+        line = one_line_error([command, "--policy", "expert", "--episodes", "2", "--env", "dialogrl/Refund-v0",
+                               "--intent", "order_status", "--out", str(out)], capsys)
+        assert "intent 'order_status' conflicts with env 'dialogrl/Refund-v0'" in line
+        assert "'refund' only" in line and "dialogrl/CustomerService-v0" in line
+    assert list(tmp_path.iterdir()) == []
+    # The env's own intent is no conflict, and what is recorded is what ran.
+    result = run_eval(tmp_path, "--policy", "expert", "--episodes", "3", "--env", "dialogrl/Refund-v0",
+                      "--intent", "refund")
+    assert result["env_id"] == "dialogrl/Refund-v0" and set(result["by_intent"]) == {"refund"}
+
+
+@pytest.mark.parametrize("run,key", [({"method": 7, "seed": 0}, "method"), ({"method": "sft", "seed": "3"}, "seed"),
+                                     ({"method": "", "seed": 1}, "method"), ({"method": "sft", "seed": 1.5}, "seed")])
+def test_run_json_fields_are_checked_before_a_model_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          run: dict[str, Any], key: str) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps({**run, "base_model": str(tmp_path / "no_model")}))
+    out = tmp_path / "eval.json"
+    line = one_line_error(["eval", "--policy", str(run_dir), "--episodes", "2", "--out", str(out)], capsys)
+    assert f"{run_dir / 'run.json'}: key '{key}'" in line and f"got {run[key]!r}" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("command", ["eval", "logs"])
+def test_out_path_is_checked_before_the_episodes_run(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    import dialogrl.evaluation
+
+    def never(*_args: Any, **_kwargs: Any) -> None:
+        raise AssertionError("episodes ran before --out was checked")
+
+    monkeypatch.setattr(dialogrl.evaluation, "run_episodes", never)
+    folder, blocker = tmp_path / "adir", tmp_path / "afile"
+    folder.mkdir()
+    blocker.write_text("x")
+    argv = [command, "--policy", "expert", "--episodes", "2", "--out"]
+    line = one_line_error([*argv, str(folder)], capsys)
+    assert f"--out {folder}: is a directory" in line and ".tmp" not in line
+    assert "empty path ''" in one_line_error([*argv, ""], capsys)
+    line = one_line_error([*argv, str(blocker / "sub" / "x.json")], capsys)
+    assert f"--out {blocker / 'sub' / 'x.json'}: {blocker} is not a directory" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"] and not any(folder.iterdir())
+
+
+def test_write_errors_name_the_target_not_the_temp_file(tmp_path: Path) -> None:
+    from dialogrl.cli import write_jsonl
+    from dialogrl.evaluation import write_json
+
+    target = tmp_path / "taken"
+    target.mkdir()
+    (target / "keep").write_text("")
+    with pytest.raises(OSError) as err:
+        write_json({"a": 1}, target)
+    assert err.value.filename == str(target)
+    with pytest.raises(OSError) as err:
+        write_jsonl([], target)
+    assert err.value.filename == str(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+    assert [p.name for p in target.iterdir()] == ["keep"]

@@ -9,7 +9,7 @@ from typing import Literal
 import pytest
 import yaml
 
-from dialogrl.config import config_to_dict, dump_config, load_config
+from dialogrl.config import check_at_least, check_number, config_to_dict, dump_config, load_config
 from dialogrl.types import DialogRLError
 
 
@@ -157,6 +157,44 @@ def test_post_init_errors_name_the_file(tmp_path: Path) -> None:
 
     with pytest.raises(DialogRLError, match=r"c.yaml: invalid Checked: fraction must be in \(0, 1\), got 2.0"):
         load_config(Checked, write(tmp_path, "fraction: 2\n"))
+
+
+@dataclass
+class Ranged:
+    steps: int = 1
+    """At least 1."""
+    rate: float = 0.5
+    """Finite, > 0."""
+    dropout: float = 0.0
+    """In [0, 1)."""
+    coef: float = 0.0
+    """Finite, >= 0."""
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 1, "steps")
+        check_number(self, "rate", above=0)
+        check_number(self, "dropout", at_least=0, below=1)
+        check_number(self, "coef", at_least=0)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("steps=0", "steps=0: must be at least 1"),
+        ("rate=0", "rate=0.0: must be a finite number > 0"),
+        ("rate=nan", "rate=nan: must be a finite number > 0"),  # NaN <= 0 is False: a plain comparison lets it by
+        ("rate=.inf", "rate=inf: must be a finite number > 0"),
+        ("dropout=1", "dropout=1.0: must be a finite number in [0, 1)"),
+        ("dropout=-0.5", "dropout=-0.5: must be a finite number in [0, 1)"),
+        ("coef=-1", "coef=-1.0: must be a finite number >= 0"),
+        ("coef=-.inf", "coef=-inf: must be a finite number >= 0"),
+    ],
+)
+def test_range_checks_name_key_and_value(override: str, message: str) -> None:
+    with pytest.raises(DialogRLError) as info:
+        load_config(Ranged, None, [override])
+    assert str(info.value) == f"<defaults>: {message}"
+    assert load_config(Ranged, None, ["steps=1", "rate=1e-9", "dropout=0", "coef=0"]) == Ranged(1, 1e-9, 0.0, 0.0)
 
 
 def test_dump_then_load_round_trips(tmp_path: Path) -> None:

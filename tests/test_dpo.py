@@ -171,6 +171,57 @@ def test_bad_preference_file_fails_naming_file_and_row(tiny_model_dir: Path, tmp
     assert not out.parent.exists() or not os.listdir(out.parent)  # nothing half-written
 
 
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["loss_type=bogus"], "loss_type=bogus: not a TRL DPO loss; use one of sigmoid, hinge, ipo, "),
+    (["loss_type=exo_pair"], "loss_type=exo_pair: needs label_smoothing > 0"),
+    (["beta=nan"], "beta=nan: must be a finite number > 0"),
+    (["beta=0"], "beta=0.0: must be a finite number > 0"),
+    (["learning_rate=nan"], "learning_rate=nan: must be a finite number > 0"),
+    (["learning_rate=.inf"], "learning_rate=inf"),
+    (["lora_r=0"], "lora_r=0: must be at least 1"),
+    (["lora_alpha=-8"], "lora_alpha=-8: must be a finite number > 0"),
+    (["margin=nan"], "margin=nan: must be a finite number >= 0"),
+    (["eval_episodes=-1"], "eval_episodes=-1: must be at least 0"),
+])
+def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, overrides: list[str], needle: str) -> None:
+    out = tmp_path / "runs" / "dpo"
+    with pytest.raises(DialogRLError) as err:
+        main_dpo(None, [f"output_dir={out}", *overrides])
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert not out.parent.exists()
+
+
+@pytest.mark.parametrize(("case", "needle"), [
+    ("config_without_model_type", "model_type"),
+    ("run_dir_as_model", "a run directory, not a base model; start from it with init_adapter="),
+    ("run_json_not_json", "run.json: unreadable"),
+    ("run_json_without_base_model", "without 'base_model'"),
+    ("adapter_without_peft_type", "no peft_type"),
+    ("bogus_targets", "lora_target_modules=[bogus]: matches no module of the model; its layers include q_proj"),
+])
+def test_broken_start_fails_before_writing(tiny_model_dir: Path, tmp_path: Path, case: str, needle: str) -> None:
+    bad = tmp_path / case
+    bad.mkdir()
+    fields: dict[str, Any] = {"model": str(bad)}
+    if case == "config_without_model_type":
+        (bad / "config.json").write_text("{}")
+    elif case == "bogus_targets":
+        fields = {"model": str(tiny_model_dir), "lora_target_modules": ["bogus"]}
+    else:
+        run = {"run_json_not_json": "{oops", "run_json_without_base_model": "{}"}.get(
+            case, json.dumps({"method": "sft", "base_model": str(tiny_model_dir)}))
+        (bad / "run.json").write_text(run)
+        (bad / "adapter").mkdir()
+        (bad / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 4}))  # no peft_type
+        if case != "run_dir_as_model":
+            fields = {"model": str(tiny_model_dir), "init_adapter": str(bad)}
+    out = tmp_path / "runs" / "dpo"
+    with pytest.raises(DialogRLError) as err:
+        train_dpo(DPOConfig(output_dir=str(out), eval_episodes=0, **fields))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert not out.parent.exists()
+
+
 def test_offline_dpo_from_a_preference_file(tiny_model_dir: Path, tmp_path: Path) -> None:
     rows = [{**GOOD, "prompt": [{"role": "user", "content": f"Where is my order A1000{i}?"}],
              "chosen": f"Let me check. [lookup_order order=A1000{i}]"} for i in range(6)]

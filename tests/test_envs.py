@@ -282,6 +282,72 @@ def test_bad_scenario_file_is_one_clear_error(name: str, match: str) -> None:
     assert name in str(err.value) and "\n" not in str(err.value)
 
 
+def _scenario_file(tmp_path: Path, name: str = "mine.yaml", **changes: Any) -> Path:
+    """The damaged_item fixture with some keys changed (``order__status`` sets ``order.status``)."""
+    import yaml
+
+    data = yaml.safe_load(CUSTOM_SCENARIO.read_text())
+    for key, value in changes.items():
+        node = data
+        *parents, last = key.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("changes,needles", [
+    ({"order__status": {"delivered": 0}}, ["'order.status'", "positive", "{'delivered': 0}"]),
+    ({"order__status": {"delivered": -1, "shipped": 2}}, ["'order.status.delivered'", "non-negative", "-1"]),
+    ({"order__status": {"delivered": "abc"}}, ["'order.status.delivered'", "'abc'"]),
+    ({"order__status": {"delivered": float("nan")}}, ["'order.status.delivered'", "nan"]),
+    ({"order__status": "delivered"}, ["'order.status'", "'delivered'", "processing, shipped, delivered"]),
+    ({"order__status": {"bogus": 1}}, ["'order.status'", "'bogus'", "processing, shipped, delivered"]),
+    ({"order__refunded_prob": "x"}, ["'order.refunded_prob'", "[0, 1]", "'x'"]),
+    ({"order__refunded_prob": 2}, ["'order.refunded_prob'", "[0, 1]", "got 2"]),
+    ({"account": {"locked_prob": -0.5}}, ["'account.locked_prob'", "[0, 1]", "-0.5"]),
+    ({"account": {"subscription_prob": True}}, ["'account.subscription_prob'", "True"]),
+    ({"order__refund_prob": 0.5}, ["unknown key 'order.refund_prob'", "order.refunded_prob"]),
+    ({"order__days_since_delivery": [-5, 3]}, ["'order.days_since_delivery'", "[-5, 3]"]),
+    ({"requires_verification": "maybe"}, ["'requires_verification'", "true or false", "'maybe'"]),
+    ({"intent": 7}, ["'intent'", "string", "7"]),
+    ({"intent": ["a", "b"]}, ["'intent'", "['a', 'b']"]),
+    ({"inform": ["return label", 5]}, ["'inform'", "list of strings"]),
+])
+def test_bad_scenario_values_name_file_key_and_value(tmp_path: Path, changes: dict, needles: list[str]) -> None:
+    path = _scenario_file(tmp_path, **changes)
+    with pytest.raises(DialogRLError) as err:
+        CustomerServiceEnv(scenario_files=[path])
+    line = str(err.value)
+    assert "\n" not in line and line.startswith(f"scenario file {path}:"), line
+    for needle in needles:
+        assert needle in line, (needle, line)
+
+
+def test_valid_scenario_draws_are_accepted(tmp_path: Path) -> None:
+    path = _scenario_file(tmp_path, order__status={"delivered": 1, "shipped": 0}, order__refunded_prob=0,
+                          account={"locked_prob": 1, "subscription_prob": 0.5})
+    env = CustomerServiceEnv(scenario_files=[path], intents=["damaged_item"])
+    env.reset(seed=0)
+    assert env.goal.slots["order"] and env.db.orders[env.goal.slots["order"]].status == "delivered"
+
+
+def test_user_scenario_may_not_replace_a_builtin_or_another_file(tmp_path: Path) -> None:
+    clash = _scenario_file(tmp_path, "my_refund.yaml", intent="refund")
+    with pytest.raises(DialogRLError) as err:
+        gym.make("dialogrl/CustomerService-v0", scenario_files=[clash])
+    line = str(err.value)
+    assert "my_refund.yaml" in line and "intent 'refund'" in line and "built-in" in line
+    assert str(SCENARIO_DIR / "refund.yaml") in line and "\n" not in line
+    twin = _scenario_file(tmp_path, "twin.yaml")
+    with pytest.raises(DialogRLError, match="twin.yaml: intent 'damaged_item' is also defined in .*damaged_item.yaml"):
+        CustomerServiceEnv(scenario_files=[CUSTOM_SCENARIO, twin])
+    with pytest.raises(DialogRLError, match="intent 'damaged_item' is also defined in"):
+        CustomerServiceEnv(scenario_files=[CUSTOM_SCENARIO, CUSTOM_SCENARIO])
+
+
 def test_acts_env_accepts_text_env_arguments() -> None:
     env = CustomerServiceActsEnv(scenario_files=str(CUSTOM_SCENARIO), intents=["damaged_item"], split="test")
     _, info = env.reset(seed=1)

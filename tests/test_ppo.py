@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from dialogrl.agents.ppo import PPOConfig, gae, train_ppo
+from dialogrl.types import DialogRLError
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +50,103 @@ def test_gae_matches_hand_computation() -> None:
     assert np.allclose(adv, [1.0 - 0.5, 1.0 - 0.6, 1.0 - 0.7])
     adv0 = gae(rewards, values, gamma=1.0, lam=0.0)  # lam=0: one-step TD errors
     assert np.allclose(adv0, [0.6 - 0.5, 0.7 - 0.6, 1.0 - 0.7])
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["minibatch_episodes=0"], "minibatch_episodes=0: must be at least 1"),  # was a ZeroDivisionError
+    (["checkpoint_every=0"], "checkpoint_every=0: must be at least 1"),  # ZeroDivisionError after an iteration
+    (["env_batch=0"], "env_batch=0: must be at least 1"),  # IndexError
+    (["episodes_per_iteration=0"], "episodes_per_iteration=0: must be at least 1"),
+    (["ppo_epochs=0"], "ppo_epochs=0: must be at least 1"),  # NaN losses, exit 0
+    (["iterations=0"], "iterations=0: must be at least 1"),
+    (["max_turns=0"], "max_turns=0: must be at least 1"),
+    (["eval_episodes=-1"], "eval_episodes=-1: must be at least 0"),  # failed only after training
+    (["max_new_tokens=0"], "max_new_tokens=0: must be at least 1"),  # named max_batch, after the model loaded
+    (["temperature=0"], "temperature=0.0: must be a finite number > 0"),
+    (["temperature=nan"], "temperature=nan"),
+    (["learning_rate=nan"], "learning_rate=nan: must be a finite number > 0"),
+    (["learning_rate=.inf"], "learning_rate=inf"),
+    (["learning_rate=-1e-3"], "learning_rate=-0.001"),
+    (["lora_r=0"], "lora_r=0: must be at least 1"),
+    (["lora_alpha=0"], "lora_alpha=0: must be a finite number > 0"),
+    (["kl_coef=-0.1"], "kl_coef=-0.1: must be a finite number >= 0"),
+    (["kl_coef=nan"], "kl_coef=nan"),
+    (["clip_range=-0.2"], "clip_range=-0.2"),
+    (["value_clip=.inf"], "value_clip=inf"),
+    (["vf_coef=-1"], "vf_coef=-1.0"),
+    (["adaptive_kl=true", "target_kl=0"], "target_kl=0.0: must be a finite number > 0"),
+    (["max_grad_norm=0"], "max_grad_norm=0.0"),
+    (["gamma=1.5"], "gamma=1.5: must be a finite number in [0, 1]"),
+    (["minibatch_episodes=5"], "minibatch_episodes=5: must divide episodes_per_iteration=64"),
+])
+def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, overrides: list[str], needle: str) -> None:
+    from dialogrl.agents.ppo import main_ppo
+
+    out = tmp_path / "run"
+    with pytest.raises(DialogRLError) as err:
+        main_ppo(None, [f"output_dir={out}", *overrides])
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert not out.exists()
+
+
+def _broken_start(tmp_path: Path, model: Path, case: str) -> dict[str, object]:
+    """PPOConfig/DPOConfig fields that point the start weights at something broken."""
+    bad = tmp_path / case
+    bad.mkdir()
+    if case == "empty_model":
+        return {"model": str(bad)}
+    if case == "config_without_model_type":
+        (bad / "config.json").write_text("{}")
+        return {"model": str(bad)}
+    if case == "run_dir_as_model":
+        (bad / "run.json").write_text(json.dumps({"method": "sft", "base_model": str(model)}))
+        return {"model": str(bad)}
+    if case == "bogus_targets":
+        return {"model": str(model), "lora_target_modules": ["bogus"]}
+    if case == "reply_longer_than_context":
+        return {"model": str(model), "max_new_tokens": 10_000}
+    run = {"run_json_not_json": "{oops", "run_json_without_base_model": "{}"}.get(
+        case, json.dumps({"method": "sft", "base_model": str(model), "adapter": "adapter"}))
+    (bad / "run.json").write_text(run)
+    if case == "adapter_without_peft_type":
+        (bad / "adapter").mkdir()
+        (bad / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 4}))
+    return {"model": str(model), "init_adapter": str(bad)}
+
+
+BROKEN_STARTS = [
+    ("empty_model", "no config.json"),
+    ("config_without_model_type", "model_type"),
+    ("run_dir_as_model", "a run directory, not a base model; start from it with init_adapter="),
+    ("run_json_not_json", "run.json: unreadable"),
+    ("run_json_without_base_model", "without 'base_model'"),
+    ("no_adapter", "/adapter': no such local directory"),
+    ("adapter_without_peft_type", "no peft_type"),
+    ("bogus_targets", "lora_target_modules=[bogus]: matches no module of the model; its layers include q_proj"),
+    ("reply_longer_than_context", "max_new_tokens=10000: leaves no room for the prompt"),
+]
+
+
+@pytest.mark.parametrize(("case", "needle"), BROKEN_STARTS)
+def test_broken_start_fails_before_writing(tiny_model_dir: Path, tmp_path: Path, case: str, needle: str) -> None:
+    out = tmp_path / "runs" / "ppo"
+    cfg = PPOConfig(**{"output_dir": str(out), "eval_episodes": 0, **_broken_start(tmp_path, tiny_model_dir, case)})
+    with pytest.raises(DialogRLError) as err:
+        train_ppo(cfg)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    if case.startswith(("run_json", "no_adapter", "adapter")):
+        assert str(err.value).startswith(f"init_adapter={cfg.init_adapter}: ")
+    assert not out.parent.exists()
+
+
+def test_start_check_leaves_the_random_state_alone(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from dialogrl.agents.ppo_model import check_start
+
+    torch.manual_seed(5)
+    before = torch.random.get_rng_state()
+    check_start(PPOConfig(model=str(tiny_model_dir), output_dir=str(tmp_path / "run")))
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_ppo_learns_a_rewarded_behaviour(tiny_model_dir: Path, tmp_path: Path, brevity_reward: str) -> None:
@@ -87,6 +185,10 @@ def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_ends(
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "run.json").exists()
+    reached = json.loads(state.read_text())["iteration"]
+    with pytest.raises(DialogRLError, match=r"checkpoint trained with learning_rate=0.002, not 0.5"):
+        train_ppo(_config(tiny_model_dir, out, brevity_reward, iterations=4, learning_rate=0.5))
+    assert json.loads(state.read_text())["iteration"] == reached  # refused before touching the checkpoint
     resumed = train_ppo(cfg)  # same config: picks up the checkpoint
 
     a, b = _adapter_weights(straight), _adapter_weights(resumed)
@@ -97,6 +199,19 @@ def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_ends(
     hist_b = json.loads((resumed / "run.json").read_text())["history"]
     assert [h["success"] for h in hist_a] == [h["success"] for h in hist_b]
     assert np.allclose([h["return"] for h in hist_a], [h["return"] for h in hist_b])
+
+
+def test_output_dir_is_new_or_a_ppo_run(tiny_model_dir: Path, tmp_path: Path, brevity_reward: str) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(DialogRLError, match=r"mine is not a PPO run directory \(it holds notes.txt\)"):
+        train_ppo(_config(tiny_model_dir, mine, brevity_reward, iterations=1))
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    out = tmp_path / "new"  # a run that fails before its first checkpoint leaves no folder behind
+    with pytest.raises(DialogRLError, match="model"):
+        train_ppo(_config(tmp_path / "no_such_model", out, brevity_reward, iterations=1))
+    assert not out.exists()
 
 
 def test_torchrun_two_processes(tiny_model_dir: Path, tmp_path: Path, brevity_reward: str) -> None:

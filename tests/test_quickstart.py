@@ -97,6 +97,39 @@ def test_bad_log_error_rates_fail_before_anything_is_written(tmp_path: Path) -> 
     assert not (tmp_path / "qs").exists()
 
 
+@pytest.mark.parametrize(("overrides", "needle"), [
+    ({"seeds": 0}, "seeds=0: must be at least 1"),
+    ({"log_episodes": 0}, "log_episodes=0: must be at least 1"),
+    ({"eval_episodes": 0}, "eval_episodes=0: must be at least 1"),
+    ({"eval_episodes": -1, "scripted_only": True}, "eval_episodes=-1: must be at least 1"),
+    ({"baseline": "bogus"}, "baseline=bogus: neither one of the methods (sft, sft-filtered, ppo, dpo, ppo-rm, "
+                            "sft-expert) nor a scripted reference (expert, historical)"),  # failed after all training
+    ({"baseline": "ppo", "methods": ["sft", "dpo"]}, "baseline=ppo: neither one of the methods (sft, dpo)"),
+    ({"ppo": ["minibatch_episodes=0"]}, "minibatch_episodes=0: must be at least 1"),
+    ({"sft": ["lr_scheduler_type=bogus"]}, "lr_scheduler_type=bogus: not a transformers SchedulerType"),
+    ({"dpo": ["loss_type=bogus"]}, "loss_type=bogus: not a TRL DPO loss"),
+])
+def test_bad_settings_fail_before_anything_is_written(tmp_path: Path, overrides: dict, needle: str) -> None:
+    from dialogrl.quickstart import run_quickstart
+
+    with pytest.raises(DialogRLError) as err:
+        run_quickstart(_tiny_job(tmp_path, **overrides))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "qs").exists()
+
+
+def test_a_scripted_reference_can_be_the_baseline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dialogrl.quickstart as quickstart
+
+    def stop(cfg: object, out: Path) -> None:
+        raise DialogRLError("validation passed")
+
+    monkeypatch.setattr(quickstart, "_check_same_job", stop)  # the first step after the up-front checks
+    for baseline in ("expert", "historical", "dpo"):
+        with pytest.raises(DialogRLError, match="validation passed"):
+            quickstart.run_quickstart(_tiny_job(tmp_path, baseline=baseline))
+
+
 def test_rl_methods_need_sft_first(tmp_path: Path) -> None:
     from dialogrl.quickstart import run_quickstart
 

@@ -205,6 +205,28 @@ def test_inconsistent_inputs_are_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_a_copy_of_an_evaluation_is_not_a_second_run(tmp_path: Path) -> None:
+    base = _eval(tmp_path / "sft.json", "sft", {1: [True], 2: [False]})
+    ppo = _eval(tmp_path / "ppo.json", "ppo", {1: [True], 2: [True]})
+    (tmp_path / "copies").mkdir()
+    copy = tmp_path / "copies" / "ppo_again.json"
+    copy.write_bytes(ppo.read_bytes())
+    with pytest.raises(DialogRLError) as err:
+        compare([base, ppo, copy], "sft", tmp_path / "out")
+    line = str(err.value)
+    assert str(copy) in line and str(ppo) in line and "same evaluation" in line and "\n" not in line
+    assert not (tmp_path / "out").exists()
+    # Reformatted (same content, other bytes) is still the same run; another training seed is not.
+    data = json.loads(ppo.read_text())
+    copy.write_text(json.dumps(data, indent=2))
+    with pytest.raises(DialogRLError, match="same evaluation"):
+        compare([base, ppo, copy], "sft", tmp_path / "out")
+    data["training_seed"] = 1
+    copy.write_text(json.dumps(data))
+    report = compare([base, ppo, copy], "sft", tmp_path / "out", n_boot=100)
+    assert report["methods"]["ppo"]["training_seeds"] == [0, 1]
+
+
 def test_run_directory_holding_eval_json_is_accepted(tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()
     _eval(tmp_path / "run" / "eval.json", "sft", {1: [True]})

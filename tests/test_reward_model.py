@@ -111,6 +111,58 @@ def test_errors_are_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert not (tmp_path / "rm").exists()
 
 
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["learning_rate=nan"], "learning_rate=nan: must be a finite number > 0"),
+    (["learning_rate=.inf"], "learning_rate=inf"),
+    (["learning_rate=0"], "learning_rate=0.0"),
+    (["lora_r=0"], "lora_r=0: must be at least 1"),
+    (["lora_alpha=0"], "lora_alpha=0: must be a finite number > 0"),
+    (["margin=nan"], "margin=nan"),
+    (["center_rewards_coefficient=-1"], "center_rewards_coefficient=-1.0: must be a finite number >= 0"),
+])
+def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, overrides: list[str], needle: str) -> None:
+    from dialogrl.agents.reward_model_train import main_reward_model
+
+    out = tmp_path / "runs" / "rm"
+    with pytest.raises(DialogRLError) as err:
+        main_reward_model(None, [f"output_dir={out}", *overrides])
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert not out.parent.exists()
+
+
+@pytest.mark.parametrize(("case", "needle"), [
+    ("empty_dir", "no config.json"),
+    ("config_without_model_type", "cannot load a causal LM and its tokenizer: Unrecognized model"),
+    ("no_weights", "cannot load a causal LM and its tokenizer: "),
+    ("sft_run_dir", "no config.json"),
+    ("bogus_targets", "lora_target_modules=[bogus]: matches no module of the model; its layers include q_proj"),
+])
+def test_bad_model_or_targets_fail_before_collecting_or_writing(
+        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, needle: str) -> None:
+    import dialogrl.agents.reward_model_train as rm_train
+
+    def no_collecting(cfg: object) -> None:
+        raise AssertionError("pairs were collected before the model was checked")
+
+    monkeypatch.setattr(rm_train, "collect_env_pairs", no_collecting)
+    model = tmp_path / case
+    model.mkdir()
+    targets: list[str] | str = "all-linear"
+    if case == "config_without_model_type":
+        (model / "config.json").write_text("{}")
+    elif case == "no_weights":
+        (model / "config.json").write_text('{"model_type": "gpt2"}')
+    elif case == "sft_run_dir":
+        (model / "run.json").write_text(json.dumps({"method": "sft", "base_model": str(tiny_model_dir)}))
+    elif case == "bogus_targets":
+        model, targets = tiny_model_dir, ["bogus"]
+    out = tmp_path / "runs" / "rm"
+    with pytest.raises(DialogRLError) as err:
+        train_reward_model(RewardModelConfig(model=str(model), output_dir=str(out), lora_target_modules=targets))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert not out.parent.exists()
+
+
 def test_module_imports_no_torch() -> None:
     code = "import sys, dialogrl.rewards.reward_model; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -85,15 +86,51 @@ def test_dqn_trains_saves_and_reloads(tmp_path: Path) -> None:
     assert isinstance(sb3.load_model(tmp_path / "dqn"), DQN)
 
 
-def test_main_sb3_replaces_an_existing_folder_and_prints_both_rates(tmp_path: Path, capsys) -> None:
+def test_main_sb3_replaces_only_an_earlier_run_and_prints_steps_and_both_rates(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     out.mkdir()
     (out / "stale.txt").write_text("old")
     overrides = [f"{k}={json.dumps(v)}" for k, v in TINY.items() if k != "timesteps"]
-    result = main_sb3("ppo", 64, out, 1, overrides=overrides)
+    with pytest.raises(DialogRLError, match=re.escape(f"output folder {out} already exists (add overwrite=true")):
+        main_sb3("ppo", 40, out, 1, overrides=overrides)
+    with pytest.raises(DialogRLError, match="is not an sb3 run .*so nothing was deleted"):
+        main_sb3("ppo", 40, out, 1, overrides=[*overrides, "overwrite=true"])
+    assert [p.name for p in out.iterdir()] == ["stale.txt"]
+    (out / "model.zip").write_text("an earlier run")
+    (out / "config.yaml").write_text("algo: ppo\n")
+    result = main_sb3("ppo", 40, out, 1, overrides=[*overrides, "overwrite=true"])
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "eval.json", "model.zip", "train.json"]
     assert result["eval"]["training_seed"] == 1 and 0 <= result["random_success_rate"] <= 1
-    assert "vs random acts" in capsys.readouterr().out
+    assert result["train"]["timesteps"] == 64  # one whole rollout of n_envs 2 * n_steps 32, and it says so
+    printed = capsys.readouterr().out
+    assert "timesteps 40 rounded up to whole rollouts of 64 steps" in printed and "vs random acts" in printed
+
+
+def test_sb3_command_checks_seed_and_out_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from dialogrl.cli import main
+
+    def never(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("training started before the flags were checked")
+
+    monkeypatch.setattr(sb3, "train_model", never)
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    cases = [(["--seed", "-1", "--out", str(tmp_path / "a")], ["--seed", "zero or positive", "-1"]),
+             (["--out", ""], ["--out", "empty path ''"]),
+             (["--out", str(tmp_path / "a"), "seed=-2"], ["seed must be zero or positive, got -2"]),
+             (["--out", str(tmp_path / "a"), "out=."], ["out must name a folder", "'.'"]),
+             (["--out", str(used)], [f"output folder {used} already exists", "overwrite=true"]),
+             (["--out", str(used), "overwrite=true"], [f"output folder {used} is not an sb3 run"])]
+    for argv, needles in cases:
+        assert main(["sb3", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("dialogrl: error: "), err
+        for needle in needles:
+            assert needle in err, (needle, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["used"]
+    assert [p.name for p in used.iterdir()] == ["notes.txt"]
 
 
 def test_unknown_algo_lists_the_known_ones() -> None:
@@ -103,7 +140,8 @@ def test_unknown_algo_lists_the_known_ones() -> None:
         load_config(SB3Config, None, ["algo=sac"])
 
 
-@pytest.mark.parametrize("bad", [{"timesteps": 0}, {"gamma": 1.5}, {"eval_split": "dev"}, {"time_limit_s": -1.0}])
+@pytest.mark.parametrize("bad", [{"timesteps": 0}, {"gamma": 1.5}, {"eval_split": "dev"}, {"time_limit_s": -1.0},
+                                 {"seed": -1}, {"eval_seed": -3}, {"out": ""}, {"out": ".."}])
 def test_bad_config_values_fail_in_one_line(bad: dict) -> None:
     with pytest.raises(DialogRLError, match=next(iter(bad))):
         SB3Config(**bad)
@@ -116,16 +154,18 @@ def test_nothing_half_written_when_a_run_fails(tmp_path: Path, monkeypatch: pyte
     assert list(tmp_path.iterdir()) == []
 
     out.mkdir()
-    (out / "keep.txt").write_text("previous run")
+    earlier = {"model.zip": "previous model", "config.yaml": "algo: ppo\n", "keep.txt": "previous run"}
+    for name, text in earlier.items():
+        (out / name).write_text(text)
 
     def broken(*_args, **_kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(sb3, "write_json", broken)
     with pytest.raises(OSError, match="disk full"):
-        train_sb3(SB3Config(out=str(out), **TINY))
+        train_sb3(SB3Config(out=str(out), overwrite=True, **TINY))
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert {p.name: p.read_text() for p in out.iterdir()} == earlier
 
 
 def test_config_yaml_matches_the_dataclass_defaults() -> None:

@@ -162,8 +162,9 @@ def test_bad_model_and_existing_output(model_dir: Path, tmp_path: Path) -> None:
     assert (out / "keep.txt").read_text() == "old run" and leftovers(out.parent) == []
     with pytest.raises(DialogRLError, match="no conversations with success=true"):
         write_jsonl(data, [conversation(0, False)])
-        train_sft(SFTConfig(model=str(model_dir), train_file=str(data), output_dir=str(out),
-                            filter_success=True, overwrite=True))
+        train_sft(SFTConfig(model=str(model_dir), train_file=str(data), output_dir=str(out.parent / "other"),
+                            filter_success=True))
+    assert not (out.parent / "other").exists()
 
 
 def test_empty_model_means_the_cached_base_model(model_dir: Path, tmp_path: Path,
@@ -184,6 +185,41 @@ def test_empty_model_means_the_cached_base_model(model_dir: Path, tmp_path: Path
     assert run["config"]["model"] == str(model_dir.resolve())  # the resolved path, not the empty default
 
 
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["lr_scheduler_type=bogus"], "lr_scheduler_type=bogus: not a transformers SchedulerType; use one of linear, "
+                                  "cosine, "),
+    (["lr_scheduler_type=cosine_with_min_lr"], "lr_scheduler_type=cosine_with_min_lr: needs lr_scheduler_kwargs"),
+    (["lr_scheduler_type=reduce_lr_on_plateau", "eval_fraction=0"], "needs eval_fraction > 0"),
+    (["lora_dropout=1"], "lora_dropout=1.0: must be a finite number in [0, 1)"),
+    (["lora_dropout=-0.1"], "lora_dropout=-0.1"),
+    (["learning_rate=nan"], "learning_rate=nan: must be a finite number > 0"),  # `nan <= 0` is False: it trained
+    (["learning_rate=.inf"], "learning_rate=inf"),
+    (["num_train_epochs=0"], "num_train_epochs=0.0: must be a finite number > 0"),  # trained 0 steps, exit 0
+    (["num_train_epochs=-1"], "num_train_epochs=-1.0"),
+    (["weight_decay=-0.1"], "weight_decay=-0.1: must be a finite number >= 0"),
+    (["lora_alpha=0"], "lora_alpha=0: must be a finite number > 0"),
+    (["lora_r=0"], "lora_r=0: must be at least 1"),
+])
+def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, overrides: list[str], needle: str) -> None:
+    out = tmp_path / "runs" / "sft"
+    with pytest.raises(DialogRLError) as info:
+        main_sft(None, [f"output_dir={out}", *overrides])
+    assert needle in str(info.value) and "\n" not in str(info.value)
+    assert not out.parent.exists()
+    assert load_config(SFTConfig, None, ["max_steps=5", "num_train_epochs=0"]).max_steps == 5  # epochs unread
+
+
+def test_lora_targets_that_match_nothing_fail_before_writing(model_dir: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "ok.jsonl", [conversation(i, True) for i in range(4)])
+    out = tmp_path / "runs" / "sft"
+    with pytest.raises(DialogRLError) as info:
+        train_sft(SFTConfig(model=str(model_dir), train_file=str(data), output_dir=str(out), max_steps=1,
+                            eval_fraction=0, lora_target_modules=["bogus", "q_projj"]))
+    assert str(info.value).startswith("lora_target_modules=[bogus, q_projj]: matches no module of the model; "
+                                      "its layers include q_proj, k_proj")
+    assert not out.exists() and leftovers(out.parent) == []
+
+
 def test_config_validation_and_yaml_defaults() -> None:
     with pytest.raises(DialogRLError, match="eval_fraction"):
         load_config(SFTConfig, None, ["eval_fraction=1.5"])
@@ -193,3 +229,43 @@ def test_config_validation_and_yaml_defaults() -> None:
     shipped = yaml.safe_load((REPO / "configs" / "sft.yaml").read_text())
     assert load_config(SFTConfig, REPO / "configs" / "sft.yaml") == SFTConfig()
     assert set(shipped) == set(SFTConfig.__dataclass_fields__)
+
+
+def test_overwrite_replaces_only_an_earlier_run(model_dir: Path, tmp_path: Path) -> None:
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    data = write_jsonl(precious / "train.jsonl", [conversation(i, True) for i in range(4)])
+    (precious / "notes.txt").write_text("mine")
+    with pytest.raises(DialogRLError, match="not a run directory"):
+        train_sft(SFTConfig(model=str(model_dir), train_file=str(data), output_dir=str(precious), overwrite=True,
+                            max_steps=1, eval_fraction=0))
+    assert sorted(p.name for p in precious.iterdir()) == ["notes.txt", "train.jsonl"]
+    run = train_sft(SFTConfig(model=str(model_dir), train_file=str(data), output_dir=str(tmp_path / "run"),
+                              max_steps=1, eval_fraction=0))
+    with pytest.raises(DialogRLError, match="holds the input"):  # the logs inside the run it would replace
+        train_sft(SFTConfig(model=str(model_dir), train_file=str(run / "config.yaml"), output_dir=str(run),
+                            overwrite=True, max_steps=1, eval_fraction=0))
+    again = train_sft(SFTConfig(model=str(model_dir), train_file=str(data), output_dir=str(run), overwrite=True,
+                                max_steps=1, eval_fraction=0))
+    assert again == run and (run / "run.json").is_file() and leftovers(tmp_path) == []
+
+
+def test_terminated_run_leaves_nothing_behind(model_dir: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = write_jsonl(tmp_path / "logs.jsonl", [conversation(i, True) for i in range(8)])
+    out = tmp_path / "runs" / "sft"
+    proc = subprocess.Popen([sys.executable, "-m", "dialogrl.cli", "sft", f"model={model_dir}", f"train_file={data}",
+                             f"output_dir={out}", "max_steps=100000", "eval_fraction=0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list(out.parent.glob(".sft.tmp-*/trainer")):
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+    proc.send_signal(signal.SIGTERM)  # as `kill` or `timeout` do
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and err.decode().strip().splitlines()[-1] == "dialogrl: terminated"
+    assert not out.exists() and leftovers(out.parent) == []
