@@ -28,6 +28,10 @@ class _Mismatch(Exception):
     """A value does not fit an annotation; carries a short 'expected X' text."""
 
 
+DEFAULTS = "<defaults>"
+"""How errors name the source of settings when no config file was given."""
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
     """Build ``cls`` from the YAML file at ``path`` (optional), then apply ``key=value`` overrides.
 
@@ -36,7 +40,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"load_config needs a dataclass type, got {cls!r}")
-    where = str(path) if path is not None else "<defaults>"
+    where = str(path) if path is not None else DEFAULTS
     data: dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
     raw_overrides: dict[str, str] = {}
     for item in overrides:
@@ -170,17 +174,21 @@ def _build(cls: type[T], data: Mapping[str, Any], *, prefix: str, where: str, ra
             if text is not None and _accepts_str(annotation):
                 kwargs[key] = text  # a CLI override for a string field: keep the text as typed
                 continue
-            source = f"override '{full}={text}'" if text is not None else f"{where}: key '{full}'"
+            dotted = next((k for k in raw if k.startswith(f"{full}.")), None)  # e.g. train_file.x=1
+            source = (f"override '{full}={text}'" if text is not None else
+                      f"override '{dotted}={raw[dotted]}'" if dotted is not None else f"{where}: key '{full}'")
             raise DialogRLError(f"{source}: expected {exc}, got {_show(value)}") from None
     missing = [name for name, f in fields.items() if name not in kwargs and _no_default(f)]
     if missing:
         raise DialogRLError(f"{where}: missing required key '{prefix}{missing[0]}'")
+    # A value check names its key and value itself; a file (not the built-in defaults) is worth naming too.
+    head = "" if where == DEFAULTS else f"{where}: "
     try:
         return cls(**kwargs)
     except DialogRLError as exc:
-        raise DialogRLError(f"{where}: {exc}") from None
+        raise DialogRLError(f"{head}{exc}") from None
     except (TypeError, ValueError) as exc:
-        raise DialogRLError(f"{where}: invalid {cls.__name__}: {exc}") from None
+        raise DialogRLError(f"{head}invalid {cls.__name__}: {exc}") from None
 
 
 def _no_default(f: dataclasses.Field) -> bool:

@@ -193,7 +193,7 @@ class Ranged:
 def test_range_checks_name_key_and_value(override: str, message: str) -> None:
     with pytest.raises(DialogRLError) as info:
         load_config(Ranged, None, [override])
-    assert str(info.value) == f"<defaults>: {message}"
+    assert str(info.value) == message  # no "<defaults>:" prefix: the key and value say it all
     assert load_config(Ranged, None, ["steps=1", "rate=1e-9", "dropout=0", "coef=0"]) == Ranged(1, 1e-9, 0.0, 0.0)
 
 
@@ -205,3 +205,8 @@ def test_dump_then_load_round_trips(tmp_path: Path) -> None:
     assert load_config(Demo, out) == cfg
     assert config_to_dict(cfg) == data
     assert [p.name for p in out.parent.iterdir()] == ["config.yaml"]  # no temp file left behind
+
+
+def test_a_dotted_override_on_a_plain_field_is_named() -> None:
+    with pytest.raises(DialogRLError, match=r"^override 'steps.x=1': expected an integer"):
+        load_config(Ranged, None, ["steps.x=1"])
