@@ -40,6 +40,12 @@ def _count(text: str) -> int:
     return value
 
 
+def _name(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -109,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", required=True, help="expert | historical | random | a run directory")
     p.add_argument("--repeats", type=_count, default=1, help="episodes per scenario (for pass^k)")
     p.add_argument("--out", type=_out_path)
-    p.add_argument("--method", help="method name in reports (default: the run's method, else the policy's name)")
+    p.add_argument("--method", type=_name, help="method name in reports (default: the run's method, else the policy's name)")
     p.add_argument("--decoding", choices=["greedy", "sampled"],
                    help="replies of a language-model run directory (default: greedy)")
     _error_args(p)

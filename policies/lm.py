@@ -8,6 +8,7 @@ Nothing is ever downloaded: model and adapter paths must be local directories.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,12 +38,14 @@ class GenerationSettings:
     """Keep each conversation's KV cache to the next turn and encode only the new tokens (``kv_reuse``)."""
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise DialogRLError(f"temperature={self.temperature}: must be > 0 (use do_sample=false for greedy)")
-        if not 0 < self.top_p <= 1:
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise DialogRLError(f"temperature={self.temperature}: must be a finite number > 0 (use do_sample=false "
+                                "for greedy)")
+        if not 0 < self.top_p <= 1:  # NaN fails this too
             raise DialogRLError(f"top_p={self.top_p}: must be in (0, 1]")
-        if self.max_new_tokens < 1 or self.max_batch < 1:
-            raise DialogRLError("max_new_tokens and max_batch must be at least 1")
+        for name in ("max_new_tokens", "max_batch"):
+            if getattr(self, name) < 1:
+                raise DialogRLError(f"{name}={getattr(self, name)}: must be at least 1")
 
 
 @dataclass
@@ -134,9 +137,14 @@ class LMPolicy:
             if decoding not in ("greedy", "sampled"):
                 raise DialogRLError(f"decoding '{decoding}': use greedy or sampled")
             trained = run.get("config") if isinstance(run.get("config"), dict) else {}
-            generation = GenerationSettings(do_sample=decoding == "sampled",
-                                            temperature=float(trained.get("temperature", 1.0)),
-                                            max_new_tokens=int(trained.get("max_new_tokens", 64)))
+            temperature, max_new = trained.get("temperature", 1.0), trained.get("max_new_tokens", 64)
+            if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+                raise DialogRLError(f"{path / 'run.json'}: config.temperature must be a number, got {temperature!r}")
+            if isinstance(max_new, bool) or not isinstance(max_new, int):
+                raise DialogRLError(f"{path / 'run.json'}: config.max_new_tokens must be a whole number, "
+                                    f"got {max_new!r}")
+            generation = GenerationSettings(do_sample=decoding == "sampled", temperature=float(temperature),
+                                            max_new_tokens=max_new)
         return cls.from_pretrained(base, adapter, generation, name=path.name)
 
     def with_settings(self, **changes: Any) -> LMPolicy:

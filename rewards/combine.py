@@ -87,7 +87,7 @@ class RewardCombiner:
         for comp in self.components:
             try:
                 value = comp.fn(t)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # sys.exit() in a reward would end the run without a word
                 raise RewardError(f"reward '{comp.name}' raised {type(exc).__name__}: {exc}") from exc
             if type(value) is not float:  # exact floats (the usual case) skip the slower ABC check
                 # bool is rejected too, so a predicate returned by mistake (`return t.success`) fails on every

@@ -204,6 +204,7 @@ BAD_INPUT: dict[str, tuple[list[str], list[str]]] = {
                                 ["ramble", "[0, 1]"]),
     "error_rate_for_the_expert": ([*EVAL, "--error", "ramble=0.5"], ["historical", "expert"]),
     "decoding_for_the_expert": ([*EVAL, "--decoding", "sampled"], ["--decoding", "expert"]),
+    "empty_method_name": ([*EVAL, "--method", ""], ["--method", "empty"]),
 }
 EVAL_WRITES = {k for k, (argv, _) in BAD_INPUT.items() if argv[0] == "eval"}
 

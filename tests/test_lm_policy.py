@@ -146,3 +146,14 @@ def test_missing_paths_raise_a_clear_error(tmp_path: Path, tiny_model_dir: Path)
         LMPolicy.from_run_dir(tmp_path)
     with pytest.raises(DialogRLError, match="temperature"):
         GenerationSettings(temperature=0)
+    with pytest.raises(DialogRLError, match="temperature=nan"):
+        GenerationSettings(temperature=float("nan"))
+    with pytest.raises(DialogRLError, match="^max_batch=0: must be at least 1$"):
+        GenerationSettings(max_batch=0)
+    run = tmp_path / "run"
+    run.mkdir()
+    for config, needle in (({"temperature": "hot"}, "config.temperature must be a number, got 'hot'"),
+                           ({"max_new_tokens": 2.5}, "config.max_new_tokens must be a whole number, got 2.5")):
+        (run / "run.json").write_text(json.dumps({"base_model": str(tiny_model_dir), "config": config}))
+        with pytest.raises(DialogRLError, match=needle):  # before anything loads
+            LMPolicy.from_run_dir(run, decoding="sampled")

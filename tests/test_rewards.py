@@ -289,6 +289,7 @@ def lambda_named(name: str, fn: Callable[[Transition], object]) -> Callable[[Tra
     ("fn", "message"),
     [
         (lambda t: 1 / 0, "reward 'bad' raised ZeroDivisionError: division by zero"),
+        (lambda t: sys.exit(5), "reward 'bad' raised SystemExit: 5"),
         (lambda t: float("nan"), "reward 'bad' returned nan"),
         (lambda t: float("-inf"), "reward 'bad' returned -inf"),
         (lambda t: np.float64("inf"), "reward 'bad' returned inf"),
