@@ -8,9 +8,7 @@ with ``dialogrl.evaluation`` (the eval-JSON of ``dialogrl eval``) and writes ``m
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,12 +20,17 @@ import numpy as np
 from gymnasium import spaces
 
 from dialogrl.evaluation import ActFn, evaluate, make_env, write_json
+from dialogrl.outputs import check_output_dir, replace_dir, temp_dir_beside
 from dialogrl.types import DialogRLError
 
 ENV_ID = "dialogrl/CustomerServiceActs-v0"
 ALGOS = ("ppo", "dqn")
 DECODING = "deterministic"
 """How the trained model picks acts in evaluation: SB3's ``predict(deterministic=True)`` (the argmax act)."""
+
+
+RUN_FILES = ("model.zip", "config.yaml")
+"""What marks a folder as an earlier sb3 run (the only kind ``overwrite=true`` replaces)."""
 
 
 @dataclass
@@ -297,60 +300,21 @@ def train_sb3(config: SB3Config) -> dict[str, Any]:
     from dialogrl.config import dump_config
 
     out = Path(config.out)
-    check_out_dir(out, config.overwrite)  # before minutes of training
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out, config.overwrite, marker=RUN_FILES)  # before minutes of training
     model, stats = train_model(config)
     result = evaluate_model(model, config)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    tmp = temp_dir_beside(out)
     try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the final folder should look like any other
         model.save(tmp / "model.zip")
         write_json(result, tmp / "eval.json")
         write_json(stats, tmp / "train.json")
         dump_config(config, tmp / "config.yaml")
-        check_out_dir(out, config.overwrite)  # again: something may have appeared there while the run trained
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out, config.overwrite, marker=RUN_FILES)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"out": str(out), "train": stats, "eval": result}
 
-
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """``out`` may be written: it does not exist, is an empty folder, or (with ``overwrite``) holds an earlier sb3
-    run. A user's own files are never replaced."""
-    if not out.exists() and not out.is_symlink():
-        return
-    if out.is_symlink() or not out.is_dir():
-        raise DialogRLError(f"output path {out} exists and is not a folder")
-    if not any(out.iterdir()):
-        return
-    if not overwrite:
-        raise DialogRLError(f"output folder {out} already exists (add overwrite=true to replace an earlier sb3 run)")
-    if not ((out / "model.zip").is_file() and (out / "config.yaml").is_file()):
-        raise DialogRLError(f"output folder {out} is not an sb3 run (no model.zip and config.yaml); overwrite=true "
-                            "replaces only an earlier sb3 run, so nothing was deleted")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move a finished folder into place; an older folder of that name is swapped out first, then deleted."""
-    old = target.with_name(f".{target.name}.old-{time.time_ns()}") if target.exists() else None
-    if old is not None:
-        target.rename(old)
-    try:
-        new.rename(target)
-    except BaseException:
-        if old is not None:
-            old.rename(target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_model(out: str | Path) -> Any:

@@ -13,19 +13,23 @@ from pathlib import Path
 from dialogrl.types import DialogRLError
 
 
-def check_output_dir(target: Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> None:
-    """Fail, before any work, when ``target`` may not be written: it exists and ``overwrite`` is off, or it is not
-    an earlier run directory (a file, or a folder without ``run.json`` that is not empty), or an input lives in it."""
+def check_output_dir(target: Path, overwrite: bool, inputs: Iterable[str | Path | None] = (),
+                     marker: tuple[str, ...] = ("run.json",)) -> None:
+    """Fail, before any work, when ``target`` may not be written: it is not a directory; or it holds something and
+    ``overwrite`` is off; or it holds something that is not an earlier run (every file of ``marker``) or that
+    holds one of the run's ``inputs``. A new path or an empty folder is always fine."""
     if not target.exists() and not target.is_symlink():
         return
-    if not overwrite:
-        raise DialogRLError(f"output_dir {target} already exists (set overwrite=true to replace it)")
     if target.is_symlink() or not target.is_dir():
         raise DialogRLError(f"output_dir {target} is not a directory; overwrite=true replaces only an earlier run "
                             "directory, so nothing was deleted")
-    if not (target / "run.json").is_file() and any(target.iterdir()):
-        raise DialogRLError(f"output_dir {target} is not a run directory (no run.json); overwrite=true replaces only "
-                            "an earlier run directory, so nothing was deleted")
+    if not any(target.iterdir()):
+        return
+    if not overwrite:
+        raise DialogRLError(f"output_dir {target} already exists (set overwrite=true to replace it)")
+    if not all((target / name).is_file() for name in marker):
+        raise DialogRLError(f"output_dir {target} is not a run directory (no {' and '.join(marker)}); "
+                            "overwrite=true replaces only an earlier run directory, so nothing was deleted")
     inside = target.resolve()
     for path in inputs:
         if path and Path(path).resolve().is_relative_to(inside):
@@ -44,14 +48,20 @@ def temp_dir_beside(target: Path) -> Path:
     return tmp
 
 
-def replace_dir(tmp: Path, target: Path, overwrite: bool) -> None:
-    """Rename the finished run ``tmp`` to ``target``; an earlier run there is moved aside first, deleted after."""
-    check_output_dir(target, overwrite)  # again: something may have appeared there while the run trained
+def replace_dir(tmp: Path, target: Path, overwrite: bool, marker: tuple[str, ...] = ("run.json",)) -> None:
+    """Rename the finished run ``tmp`` to ``target``; an earlier run there is moved aside first (and put back if
+    the rename fails), deleted after."""
+    check_output_dir(target, overwrite, marker=marker)  # again: something may have appeared while the run trained
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{tmp.name}")
         target.rename(old)
-    tmp.rename(target)
+    try:
+        tmp.rename(target)
+    except BaseException:
+        if old is not None:
+            old.rename(target)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -13,9 +13,12 @@ from dialogrl.types import DialogRLError
 def test_only_earlier_runs_are_replaced(tmp_path: Path) -> None:
     check_output_dir(tmp_path / "new", overwrite=False)  # nothing there: fine either way
     (tmp_path / "empty").mkdir()
-    check_output_dir(tmp_path / "empty", overwrite=True)
+    check_output_dir(tmp_path / "empty", overwrite=False)  # nothing in it to lose
+    (tmp_path / "empty" / "run.json").write_text("{}")
     with pytest.raises(DialogRLError, match="already exists .set overwrite=true"):
         check_output_dir(tmp_path / "empty", overwrite=False)
+    check_output_dir(tmp_path / "empty", overwrite=True)
+    (tmp_path / "empty" / "run.json").unlink()
 
     notes = tmp_path / "notes.yaml"
     notes.write_text("mine")

@@ -91,9 +91,9 @@ def test_main_sb3_replaces_only_an_earlier_run_and_prints_steps_and_both_rates(t
     out.mkdir()
     (out / "stale.txt").write_text("old")
     overrides = [f"{k}={json.dumps(v)}" for k, v in TINY.items() if k != "timesteps"]
-    with pytest.raises(DialogRLError, match=re.escape(f"output folder {out} already exists (add overwrite=true")):
+    with pytest.raises(DialogRLError, match=re.escape(f"output_dir {out} already exists (set overwrite=true")):
         main_sb3("ppo", 40, out, 1, overrides=overrides)
-    with pytest.raises(DialogRLError, match="is not an sb3 run .*so nothing was deleted"):
+    with pytest.raises(DialogRLError, match=r"is not a run directory \(no model.zip and config.yaml\); .*so nothing was deleted"):
         main_sb3("ppo", 40, out, 1, overrides=[*overrides, "overwrite=true"])
     assert [p.name for p in out.iterdir()] == ["stale.txt"]
     (out / "model.zip").write_text("an earlier run")
@@ -121,8 +121,8 @@ def test_sb3_command_checks_seed_and_out_before_training(tmp_path: Path, capsys:
              (["--out", ""], ["--out", "empty path ''"]),
              (["--out", str(tmp_path / "a"), "seed=-2"], ["seed must be zero or positive, got -2"]),
              (["--out", str(tmp_path / "a"), "out=."], ["out must name a folder", "'.'"]),
-             (["--out", str(used)], [f"output folder {used} already exists", "overwrite=true"]),
-             (["--out", str(used), "overwrite=true"], [f"output folder {used} is not an sb3 run"])]
+             (["--out", str(used)], [f"output_dir {used} already exists", "overwrite=true"]),
+             (["--out", str(used), "overwrite=true"], [f"output_dir {used} is not a run directory (no model.zip and config.yaml)"])]
     for argv, needles in cases:
         assert main(["sb3", *argv]) == 2, argv
         err = capsys.readouterr().err
