@@ -30,6 +30,10 @@ bootstrap CI over the shared scenarios; a CI entirely above 0 means a measurable
 success CI of one method is a Wilson interval over its scenarios. Greedy and sampled decoding can differ a lot:
 compare methods only under the decoding listed for each.
 """
+KL_FLAG = 3.0
+"""KL to the reference (nats per reply) at which the report flags a method as far from where it started: a
+heuristic: on the learning benchmarks, per run, PPO on the rule reward sits at 0.4-2.5, PPO gaming a learned
+reward at 4.6-9.7."""
 _RECORD_KEYS = ("scenario_seed", "repeat", "intent", "persona", "success", "return", "turns", "violations",
                 "invalid_actions", "reply_chars")
 _PAIRED = (("success", "success_rate"), ("return", "mean_return"), ("violated", "violation_rate"),
@@ -227,9 +231,16 @@ def _flags(m: dict[str, Any], base: dict[str, Any]) -> list[str]:
         flags.append("more business-policy violations than the baseline")
     if m["invalid_action_rate"] > base["invalid_action_rate"] + 0.05:
         flags.append("more invalid actions per turn than the baseline (+0.05 or more)")
+    if vs["success_rate"]["high"] < 0:
+        flags.append("success measurably below the baseline")
     ratio = m["mean_reply_chars"] / max(base["mean_reply_chars"], 1.0)
     if ratio > 1.5 or ratio < 2 / 3:
         flags.append(f"replies {ratio:.2f}x as long as the baseline's")
+    turns = m["mean_turns"] / max(base["mean_turns"], 1.0)
+    if turns >= 1.25:  # e.g. asking the same question again and again for a per-turn reward
+        flags.append(f"conversations {turns:.2f}x as long (turns) as the baseline's")
+    if m.get("kl_to_reference", 0.0) >= KL_FLAG:
+        flags.append(f"far from its reference: KL {m['kl_to_reference']:.1f} nats per reply (>= {KL_FLAG:g})")
     return flags
 
 

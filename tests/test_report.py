@@ -83,9 +83,9 @@ def test_pass_hat_k_hand_computed() -> None:
 
 
 def _eval(path: Path, method: str, successes: dict[int, list[bool]], training_seed: int | None = 0,
-          decoding: str = "greedy", bonus: float = 0.0, **extra: object) -> Path:
+          decoding: str = "greedy", bonus: float = 0.0, turns: int = 3, **extra: object) -> Path:
     records = [{"scenario_seed": s, "repeat": i, "intent": "refund", "persona": "vague" if s % 2 else "cooperative",
-                "success": ok, "return": float(ok) + bonus, "turns": 3, "violations": 0, "invalid_actions": 0,
+                "success": ok, "return": float(ok) + bonus, "turns": turns, "violations": 0, "invalid_actions": 0,
                 "reply_chars": 40.0, "reward_components": {"success": float(ok), "bonus": bonus}}
                for s, oks in successes.items() for i, ok in enumerate(oks)]
     data = {"policy": method, "method": method, "env_id": "dialogrl/CustomerService-v0", "split": "test",
@@ -139,6 +139,12 @@ def test_reward_hacking_is_flagged_next_to_the_outcomes(tmp_path: Path) -> None:
     assert ppo["kl_to_reference"] == 2.5 and ppo["reward_components"]["bonus"] == 1.0
     md = (tmp_path / "out" / "report.md").read_text()
     assert "return rose but success did not" in md and "2.500" in md and "sampled" in md
+    # A method that games a learned reward: success down, longer conversations, far from its reference.
+    gamed = _eval(tmp_path / "rm.json", "ppo-rm", {s: [False] for s in range(60)}, turns=4,
+                  metrics={"kl_to_reference": 5.2})
+    flags = compare([base, gamed], "sft", tmp_path / "out2", n_boot=500)["methods"]["ppo-rm"]["flags"]
+    assert flags == ["success measurably below the baseline", "conversations 1.33x as long (turns) as the baseline's",
+                     "far from its reference: KL 5.2 nats per reply (>= 3)"]
 
 
 def test_a_method_under_two_decodings_is_split_not_pooled(tmp_path: Path) -> None:
