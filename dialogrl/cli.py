@@ -256,9 +256,12 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 def format_metrics(results: dict[str, dict[str, Any]]) -> str:
     """A console table of the headline metrics, one row per method."""
     cols = ("success_rate", "mean_return", "mean_turns", "violation_rate", "invalid_action_rate")
+    if any("kl_to_reference" in r["metrics"] for r in results.values()):
+        cols += ("kl_to_reference",)  # LM policies with an adapter
     lines = [f"{'method':14s}" + "".join(f"{c:>20s}" for c in cols)]
     for name, result in results.items():
-        lines.append(f"{name:14s}" + "".join(f"{result['metrics'][c]:20.3f}" for c in cols))
+        lines.append(f"{name:14s}" + "".join(f"{result['metrics'][c]:20.3f}" if c in result["metrics"]
+                                             else f"{'—':>20s}" for c in cols))
     return "\n".join(lines)
 
 

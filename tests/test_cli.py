@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dialogrl.cli import main
+from dialogrl.cli import format_metrics, main
 from dialogrl.envs import ENV_IDS
 from dialogrl.envs.scenario import split_of_id
 from dialogrl.evaluation import scenario_seeds
@@ -84,6 +84,9 @@ def test_eval_of_a_run_directory_records_its_method_seed_and_decoding(tiny_model
     assert (greedy["method"], greedy["training_seed"], greedy["decoding"]) == ("sft", 3, "greedy")
     assert (sampled["method"], sampled["decoding"]) == ("sft", "sampled")
     assert named["method"] == "mine"
+    # A fresh LoRA adapter (B = 0) has not moved the model: KL to the reference (adapter disabled) is 0.
+    assert greedy["metrics"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)
+    assert "kl_to_reference" in format_metrics({"sft": greedy})
 
 
 def test_same_seed_pairs_policies_on_the_same_scenarios(tmp_path: Path) -> None:
