@@ -187,24 +187,6 @@ def _load_policy(spec: str, seed: int, errors: list[str] | None = None, decoding
     raise DialogRLError(f"unknown policy '{spec}'; use one of {', '.join(SCRIPTED)} or a run directory")
 
 
-def _run_info(run_dir: Path) -> dict[str, Any]:
-    """``run.json`` of a training run directory ({} for an adapter or model directory); the fields an evaluation
-    records (``method``, ``seed``) are checked here, before any model is loaded."""
-    file = run_dir / "run.json"
-    try:
-        info = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(info, dict):
-        return {}
-    method, seed = info.get("method"), info.get("seed")
-    if method is not None and not (isinstance(method, str) and method.strip()):
-        raise DialogRLError(f"{file}: key 'method' must be a non-empty string, got {method!r}")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise DialogRLError(f"{file}: key 'seed' (the training seed) must be a whole number, got {seed!r}")
-    return info
-
-
 def _cmd_logs(args: argparse.Namespace) -> None:
     from dialogrl.evaluation import make_env, require_text_env, run_episodes, scenario_seeds, text_policy_act
 
@@ -239,7 +221,12 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     if scripted and args.decoding:
         raise DialogRLError(f"--decoding applies to language-model run directories, not '{args.policy}'")
     decoding = "scripted" if scripted else args.decoding or "greedy"
-    run = {} if scripted else _run_info(Path(args.policy))  # the recorded name and seed: compare pools seeds
+    if scripted:
+        run: dict[str, Any] = {}
+    else:  # the recorded name and seed (compare pools seeds), checked before a model loads
+        from dialogrl.policies.lm import run_dir_parts
+
+        run = run_dir_parts(args.policy)[3]
     require_text_env(args.env, {"split": args.split, **_env_kwargs(args)})  # bad env options fail before a model loads
     policy = _load_policy(args.policy, args.seed, args.errors, decoding)
     method, training_seed = args.method or run.get("method"), run.get("seed")
@@ -331,9 +318,18 @@ COMMANDS = {"envs": _cmd_envs, "rewards": _cmd_rewards, "logs": _cmd_logs, "eval
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+    # SIGTERM is turned into Ctrl-C for this call only: a program that calls main() keeps its own handler.
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     _quiet_libraries()
+    try:
+        return _run(argv)
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: Sequence[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         COMMANDS[args.command](args)

@@ -308,6 +308,12 @@ def run_dir_parts(run_dir: str | Path) -> tuple[Path, Path, Path | None, dict[st
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise DialogRLError(f"{path / 'run.json'}: unreadable or without 'base_model' ({exc})") from None
         base = base if base.is_absolute() else path / base
+        method, seed = run.get("method"), run.get("seed")  # what evaluations record: checked before any load
+        if method is not None and not (isinstance(method, str) and method.strip()):
+            raise DialogRLError(f"{path / 'run.json'}: key 'method' must be a non-empty string, got {method!r}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise DialogRLError(f"{path / 'run.json'}: key 'seed' (the training seed) must be a whole number, "
+                                f"got {seed!r}")
     elif (path / "adapter_config.json").is_file():
         base, adapter = Path(_adapter_config(path).get("base_model_name_or_path") or ""), path
     elif (path / "config.json").is_file():

@@ -333,3 +333,11 @@ def test_write_errors_name_the_target_not_the_temp_file(tmp_path: Path) -> None:
     assert err.value.filename == str(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
     assert [p.name for p in target.iterdir()] == ["keep"]
+
+
+def test_main_restores_the_callers_sigterm_handler(capsys: pytest.CaptureFixture[str]) -> None:
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["envs"]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before
