@@ -16,6 +16,8 @@ transfers to true success (judged from the database, as for every method).
     python benchmarks/learning.py --seeds 1 --quick  # a smoke run: tiny budgets, says nothing about the claim
     python benchmarks/learning.py --log-errors skip_verification=0.7 --work runs/learning-habits \
         --out benchmarks/results/learning_habits.json  # logs whose author has a habit, not just slips
+    python benchmarks/learning.py --base steps=4000 corpus_episodes=60000 --methods sft,sft-filtered,ppo,dpo,sft-expert \
+        --work runs/learning-base4k --out benchmarks/results/learning_base4k.json  # a base pre-trained twice as long
 
 Writes benchmarks/results/learning.json (and the full report under --work, with ``report_vs_filtered/`` and
 ``report_vs_expert_logs/``: every method against filtered SFT and against SFT on the expert's logs). A rerun on
@@ -63,7 +65,7 @@ def summarise(report: dict[str, Any], seconds: float, args: argparse.Namespace,
         targets["sft_imitates_logs"] = {"target": f"|sft - historical| <= {SFT_TOLERANCE}", "gap": gap,
                                         "met": abs(gap) <= SFT_TOLERANCE}
     return {"benchmark": "learning", "decoding": "greedy", "seeds": args.seeds, "methods_run": args.methods,
-            "eval_episodes": args.episodes, "log_errors": args.log_errors, "quick": args.quick,
+            "eval_episodes": args.episodes, "log_errors": args.log_errors, "base": args.base, "quick": args.quick,
             "seconds": round(seconds, 1), "untimed_steps": untimed or [], "methods": rows, "targets": targets,
             "ceiling": rows.get("expert", {}).get("success_rate"),
             # SFT on flawless logs of the same customers: what imitation can reach on this base model, so the room
@@ -72,6 +74,7 @@ def summarise(report: dict[str, Any], seconds: float, args: argparse.Namespace,
 
 
 def main() -> None:
+    from dialogrl.config import yaml_value
     from dialogrl.policies.scripted import parse_error_rates
     from dialogrl.quickstart import QuickstartConfig, run_quickstart
     from dialogrl.types import DialogRLError
@@ -85,14 +88,23 @@ def main() -> None:
                         help="comma-separated, in order")
     parser.add_argument("--log-errors", nargs="*", default=[], metavar="NAME=RATE",
                         help="error rates of the historical agent behind the logs (HistoricalErrors fields)")
+    parser.add_argument("--base", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="base-model config overrides (BootstrapConfig fields), e.g. steps=4000")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: checks the plumbing only")
     args = parser.parse_args()
     try:
         args.log_errors = parse_error_rates(args.log_errors)
     except DialogRLError as exc:
         parser.error(f"--log-errors: {exc}")
+    base: dict[str, Any] = {}
+    for item in args.base:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--base: expected KEY=VALUE, got {item!r}")
+        base[key] = yaml_value(value)  # checked against BootstrapConfig by the quickstart, before any work
+    args.base = base
     cfg = QuickstartConfig(out=args.work, seeds=args.seeds, eval_episodes=args.episodes,
-                           methods=args.methods.split(","), log_errors=args.log_errors)
+                           methods=args.methods.split(","), log_errors=args.log_errors, base=base)
     if args.quick:
         cfg.log_episodes, cfg.sft = 200, ["max_steps=20"]
         cfg.ppo, cfg.dpo = ["iterations=1", "episodes_per_iteration=16"], ["rounds=1", "scenarios_per_round=8"]
