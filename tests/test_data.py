@@ -219,7 +219,7 @@ def test_taskmaster_pairs_load() -> None:
 
 
 def test_own_environment_logs_load_unchanged(tmp_path: Path) -> None:
-    scripted = pytest.importorskip("dialogrl.policies.scripted")
+    import dialogrl.policies.scripted as scripted
     from dialogrl.cli import write_jsonl
     from dialogrl.evaluation import make_env, run_episodes, scenario_seeds, text_policy_act
 

@@ -45,7 +45,9 @@ def test_quickstart_runs_every_stage_and_reports_every_method(tmp_path: Path,
                                       "historical"}
     for method in ("sft-filtered", "ppo", "dpo", "ppo-rm", "sft-expert"):
         vs = report["methods"][method]["vs_baseline"]
-        assert vs["shared_scenarios"] == 6 and vs["success_rate"]["low"] <= vs["success_rate"]["high"]
+        diff = report["methods"][method]["success_rate"] - report["methods"]["sft"]["success_rate"]
+        assert vs["shared_scenarios"] == 6 and vs["success_rate"]["mean_diff"] == pytest.approx(diff)
+        assert vs["success_rate"]["low"] <= vs["success_rate"]["mean_diff"] <= vs["success_rate"]["high"]
     for name in ("report.md", "report.json", "report.png"):
         assert (out / "report" / name).is_file() and (out / "report_sampled" / name).is_file()
     timings = json.loads((out / "timings.json").read_text())

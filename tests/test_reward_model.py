@@ -281,5 +281,6 @@ def test_reward_model_learns_separable_pairs_and_scores_in_the_env(
     env.reset(seed=3)
     _, first, terminated, truncated, _ = env.step("Could you give me your order number?")
     assert first == 0.0 and not (terminated or truncated)
-    _, last, terminated, *_ = env.step("Thank you, happy to help. [end]")
+    _, last, terminated, _, info = env.step("Thank you, happy to help. [end]")
     assert terminated and math.isfinite(last) and last != 0.0
+    assert math.isclose(last, reward.score([upto_last_reply(info["messages"])])[0], rel_tol=1e-5)

@@ -9,17 +9,14 @@ import re
 from pathlib import Path
 
 import pytest
+from stable_baselines3 import DQN, PPO
+from stable_baselines3.common.env_checker import check_env
 
-pytest.importorskip("stable_baselines3")
-
-from stable_baselines3 import DQN, PPO  # noqa: E402
-from stable_baselines3.common.env_checker import check_env  # noqa: E402
-
-import dialogrl.agents.sb3 as sb3  # noqa: E402
-from dialogrl.agents.sb3 import ENV_ID, SB3Config, evaluate_random_acts, main_sb3, model_act, train_sb3  # noqa: E402
-from dialogrl.config import load_config  # noqa: E402
-from dialogrl.evaluation import make_env, run_episodes, scenario_seeds  # noqa: E402
-from dialogrl.types import DialogRLError  # noqa: E402
+import dialogrl.agents.sb3 as sb3
+from dialogrl.agents.sb3 import ENV_ID, SB3Config, evaluate_random_acts, main_sb3, model_act, train_sb3
+from dialogrl.config import load_config
+from dialogrl.evaluation import make_env, run_episodes, scenario_seeds
+from dialogrl.types import DialogRLError
 
 # product_question is the easiest intent: random acts almost never solve it, PPO does within ~4k steps.
 LEARN = {"intents": ["product_question"], "timesteps": 4000, "eval_episodes": 100, "seed": 0}
@@ -83,7 +80,13 @@ def test_random_acts_baseline_is_seeded_and_paired() -> None:
 def test_dqn_trains_saves_and_reloads(tmp_path: Path) -> None:
     result = train_sb3(SB3Config(algo="dqn", out=str(tmp_path / "dqn"), learning_starts=16, **TINY))
     assert result["eval"]["policy"] == "sb3-dqn"
-    assert isinstance(sb3.load_model(tmp_path / "dqn"), DQN)
+    model = sb3.load_model(tmp_path / "dqn")
+    assert isinstance(model, DQN)
+    # The saved model is the one evaluated: replayed on the same seeds it takes the same decisions.
+    records = run_episodes(lambda: make_env(ENV_ID, split="test", intents=TINY["intents"]), model_act(model),
+                           scenario_seeds(0, TINY["eval_episodes"]))
+    assert [r["turns"] for r in records] == [r["turns"] for r in result["eval"]["records"]]
+    assert [r["return"] for r in records] == [r["return"] for r in result["eval"]["records"]]
 
 
 def test_main_sb3_replaces_only_an_earlier_run_and_prints_steps_and_both_rates(tmp_path: Path, capsys) -> None:
