@@ -300,7 +300,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
             writer.close()
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            save_run(inner, start_dir, cfg, state, out)
+            save_run(inner, start_dir, cfg, state, out, n_proc)
         accelerator.wait_for_everyone()
         return out
     except BaseException:

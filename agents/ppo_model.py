@@ -220,8 +220,10 @@ def build_policy(cfg: PPOConfig, start_dir: Path, checkpoint: Path | None) -> tu
     return module, tokenizer
 
 
-def save_run(inner: PolicyWithValue, start_dir: Path, cfg: PPOConfig, state: dict[str, Any], out: Path) -> None:
-    """``adapter/``, ``value_head.pt`` and ``run.json`` (whose ``base_model`` is the start weights).
+def save_run(inner: PolicyWithValue, start_dir: Path, cfg: PPOConfig, state: dict[str, Any], out: Path,
+             num_processes: int = 1) -> None:
+    """``adapter/``, ``value_head.pt`` and ``run.json`` (whose ``base_model`` is the start weights and
+    ``num_processes`` the size of the data-parallel group that trained it).
 
     ``LMPolicy.from_run_dir`` and plain ``PeftModel.from_pretrained(AutoModelForCausalLM(base), adapter)`` load it.
     """
@@ -231,7 +233,8 @@ def save_run(inner: PolicyWithValue, start_dir: Path, cfg: PPOConfig, state: dic
     torch.save(inner.value_head.state_dict(), out / "value_head.pt")
     base_ref = "base" if start_dir.resolve() == (out / "base").resolve() else str(start_dir)
     run = {"method": cfg.method, "base_model": base_ref, "adapter": "adapter", "seed": cfg.seed,
-           "config": dataclasses.asdict(cfg), "history": state["history"], "versions": package_versions()}
+           "config": dataclasses.asdict(cfg), "history": state["history"], "num_processes": num_processes,
+           "versions": package_versions()}
     if os.environ.get(ENV_PATHS) and any("reward_model" in str(r) for r in cfg.rewards or []):
         run["reward_model_dirs"] = os.environ[ENV_PATHS]  # what the learned-reward spec resolved to
     (out / "run.json").write_text(json.dumps(run, indent=1))

@@ -166,7 +166,10 @@ def _adapter_weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_ends(
-        tiny_model_dir: Path, tmp_path: Path, brevity_reward: str) -> None:
+        tiny_model_dir: Path, tmp_path: Path, brevity_reward: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import dialogrl.agents.ppo as ppo
+
     straight = train_ppo(_config(tiny_model_dir, tmp_path / "straight", brevity_reward, iterations=4))
 
     out = tmp_path / "killed"
@@ -186,10 +189,27 @@ def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_ends(
     proc.wait()
     assert not (out / "run.json").exists()
     reached = json.loads(state.read_text())["iteration"]
+    assert 1 <= reached < cfg.iterations, reached  # killed after a checkpoint and before the end
     with pytest.raises(DialogRLError, match=r"checkpoint trained with learning_rate=0.002, not 0.5"):
         train_ppo(_config(tiny_model_dir, out, brevity_reward, iterations=4, learning_rate=0.5))
     assert json.loads(state.read_text())["iteration"] == reached  # refused before touching the checkpoint
+    # Training is seeded per iteration, so a run that ignored the checkpoint and started over would end in the
+    # same place: count the iterations the resumed call plays (one rollout collection and one printed row each).
+    collections: list[int] = []
+
+    def counting_collect(*args: object, **kwargs: object) -> object:
+        collections.append(1)
+        return real_collect(*args, **kwargs)
+
+    real_collect = ppo.collect
+    monkeypatch.setattr(ppo, "collect", counting_collect)
+    capsys.readouterr()
     resumed = train_ppo(cfg)  # same config: picks up the checkpoint
+    printed = capsys.readouterr().out.splitlines()
+    assert f"resuming from {out / 'checkpoint'} at iteration {reached}" in printed, printed
+    rows = [json.loads(line) for line in printed if line.startswith("{")]
+    assert [row["iteration"] for row in rows] == list(range(reached, cfg.iterations)), printed
+    assert len(collections) == cfg.iterations - reached
 
     a, b = _adapter_weights(straight), _adapter_weights(resumed)
     assert a.keys() == b.keys()
@@ -225,6 +245,9 @@ def test_torchrun_two_processes(tiny_model_dir: Path, tmp_path: Path, brevity_re
     assert result.returncode == 0, result.stderr[-3000:]
     run = json.loads((out / "run.json").read_text())
     assert len(run["history"]) == 2
+    assert run["num_processes"] == 2  # one data-parallel group of two, not two lone rank-0 runs
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [row["iteration"] for row in rows] == [0, 1], result.stdout[-3000:]  # printed by the main process only
     assert (out / "adapter" / "adapter_config.json").exists()
 
 
