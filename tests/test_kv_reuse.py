@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from dialogrl.evaluation import make_env, run_episodes, scenario_seeds, text_policy_act
-from dialogrl.policies.lm import GenerationSettings, LMPolicy
+from dialogrl.policies.lm import Generation, GenerationSettings, LMPolicy
 
 
 def _episodes(policy: LMPolicy) -> list[list[dict]]:
@@ -21,32 +22,102 @@ def policy(tiny_model_dir: Path) -> LMPolicy:
     return LMPolicy.from_pretrained(tiny_model_dir, generation=GenerationSettings(max_new_tokens=16))
 
 
-def test_multi_turn_greedy_replies_are_the_same_with_and_without_reuse(policy: LMPolicy) -> None:
+def _record_reuse(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[tuple[int, ...], int]]]:
+    """Watch ``generate`` lay out its batches: per ``build_batch`` call, (prompt, tokens resumed from the cache) of
+    each row. What ``generate`` really reused, after its own ``sync`` and ``match``."""
+    from dialogrl.policies import lm
+
+    calls: list[list[tuple[tuple[int, ...], int]]] = []
+    build_batch = lm.build_batch
+
+    def recording(prompts: list[list[int]], reuse: list, *args: Any, **kwargs: Any) -> Any:
+        calls.append([(tuple(p), c) for p, (c, _) in zip(prompts, reuse, strict=True)])
+        return build_batch(prompts, reuse, *args, **kwargs)
+
+    monkeypatch.setattr(lm, "build_batch", recording)
+    return calls
+
+
+def _turns(policy: LMPolicy, conversations: list[list[dict]], turns: int) -> list[list[Generation]]:
+    """Several turns of several conversations in one batch, each reply followed by a user line of its own length."""
+    convs = [list(c) for c in conversations]
+    out = []
+    for _ in range(turns):
+        gens = policy.generate(convs)
+        out.append(gens)
+        for i, (conv, gen) in enumerate(zip(convs, gens, strict=True)):
+            conv += [{"role": "assistant", "content": gen.text}, {"role": "user", "content": "ok" + " thanks" * i}]
+    return out
+
+
+def test_multi_turn_greedy_replies_are_the_same_with_and_without_reuse(policy: LMPolicy, make_corpus,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     reused, fresh = _episodes(policy), _episodes(policy.with_settings(reuse_kv=False))
     assert reused == fresh
-    assert max(len(m) for m in reused) > 4  # several turns, so later turns resumed from a cache
+    # The environment's prompts outgrow the tiny model's context and are cut from the left every turn, so they
+    # hardly resume from a cache; conversations that fit do, checked with the tokens generate actually reused.
+    assert max(len(m) for m in reused) > 4
+    calls = _record_reuse(monkeypatch)
+    conversations = [conv[:cut] for conv, cut in zip(make_corpus(4, seed=8), [2, 4, 6, 2], strict=True)]
+    with_reuse = _turns(policy.with_settings(), conversations, turns=4)  # its own, empty prefix store
+    resumed = {p: c for call in calls for p, c in call}
+    calls.clear()
+    without = _turns(policy.with_settings(reuse_kv=False), conversations, turns=4)
+    assert all(c == 0 for call in calls for _, c in call)  # reuse_kv=False encodes every prompt in full
+    for turn, (gens, alone) in enumerate(zip(with_reuse, without, strict=True)):
+        for i, (gen, ref) in enumerate(zip(gens, alone, strict=True)):
+            assert gen.prompt_ids == ref.prompt_ids and not gen.truncated_prompt
+            assert gen.response_ids == ref.response_ids
+            assert gen.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
+            # Every later turn resumed from the whole previous prompt (and the reply's tokens that re-tokenize
+            # the same); the first turn had nothing to resume from.
+            previous = len(with_reuse[turn - 1][i].prompt_ids) if turn else 0
+            assert previous <= resumed[tuple(gen.prompt_ids)] < len(gen.prompt_ids)
+    assert len(resumed) == sum(len(gens) for gens in with_reuse)  # one entry per prompt: none was shadowed
 
 
-def test_later_turns_resume_from_the_previous_turn(policy: LMPolicy, make_corpus) -> None:
+def test_later_turns_resume_from_the_previous_turn(policy: LMPolicy, make_corpus,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     conv = make_corpus(1, seed=3)[0]
     p = policy.with_settings()
     first = p.generate([conv[:2]])[0]
     follow = [*conv[:2], {"role": "assistant", "content": first.text}, {"role": "user", "content": "ok thanks"}]
-    prompt = p.prompt_ids([follow])[0][0]
-    reusable, entry = p._prefixes.match(prompt)
-    assert entry is not None and reusable >= len(first.prompt_ids)  # the whole first prompt, and then some
+    calls = _record_reuse(monkeypatch)
+    second = p.generate([follow])[0]  # sync, match and the resumed batch, as every later turn runs them
+    [[(prompt, resumed)]] = calls
+    assert list(prompt) == second.prompt_ids
+    assert len(first.prompt_ids) <= resumed < len(prompt)  # the whole first prompt, and then some
+    alone = policy.with_settings(reuse_kv=False).generate([follow])[0]
+    assert second.response_ids == alone.response_ids
+    assert second.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
 
 
-def test_a_weight_update_drops_the_cache(policy: LMPolicy, make_corpus) -> None:
+def test_a_weight_update_drops_the_cache(policy: LMPolicy, make_corpus, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
+    def update() -> None:
+        with torch.no_grad():
+            next(p.model.parameters()).add_(0.0)  # an in-place update, as an optimizer step makes
+
+    conv = make_corpus(1, seed=4)[0][:2]
     p = policy.with_settings()
-    p.generate([make_corpus(1, seed=4)[0][:2]])
-    assert p._prefixes.entries
-    with torch.no_grad():
-        next(p.model.parameters()).add_(0.0)  # an in-place update, as an optimizer step makes
+    p.generate([conv])
+    entries = p._prefixes.entries
+    assert entries
+    p._prefixes.sync(p.model)  # the control: the same weights keep the cache ...
+    assert p._prefixes.entries is entries
+    calls = _record_reuse(monkeypatch)
+    p.generate([conv])  # ... and the next call resumes from it
+    assert [[c > 0 for _, c in call] for call in calls] == [[True]]
+    update()
     p._prefixes.sync(p.model)
     assert not p._prefixes.entries
+    p.generate([conv])
+    assert p._prefixes.entries
+    update()
+    calls.clear()
+    p.generate([conv])  # generate syncs first: nothing computed before the update is reused
+    assert [[c for _, c in call] for call in calls] == [[0]]
 
 
 def test_switching_the_adapter_off_drops_the_cache(tiny_model_dir: Path, make_corpus) -> None:
@@ -55,6 +126,8 @@ def test_switching_the_adapter_off_drops_the_cache(tiny_model_dir: Path, make_co
     p = LMPolicy.from_pretrained(tiny_model_dir, generation=GenerationSettings(max_new_tokens=8))
     p.model = get_peft_model(p.model, LoraConfig(r=2, target_modules="all-linear"))
     p.generate([make_corpus(1, seed=5)[0][:2]])
+    assert p._prefixes.entries
+    p._prefixes.sync(p.model)  # the control: the adapter still on, the cache stays
     assert p._prefixes.entries
     with p.model.disable_adapter():  # the reference policy: no parameter changes, other outputs
         p._prefixes.sync(p.model)

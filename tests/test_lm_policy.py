@@ -51,9 +51,14 @@ def test_batched_generation_returns_one_reply_each(policy: LMPolicy, conversatio
 
 
 def test_batched_greedy_equals_one_at_a_time(policy: LMPolicy, conversations: list[list[Message]]) -> None:
-    batched = policy.generate(conversations)
+    # Both sides encode their whole prompts: ``with_settings`` gives each policy its own (empty) prefix store, and
+    # the module's ``policy`` may hold caches of these very prompts from earlier tests. Resumed from a cache, a
+    # left-padding bug in batched prefill would be on both sides and cancel out. (Resuming: test_kv_reuse.py.)
+    prompts, _ = policy.prompt_ids(conversations)
+    assert len({len(p) for p in prompts}) > 1  # prompts of different lengths: the batch is left-padded
+    batched = policy.with_settings(reuse_kv=False).generate(conversations)
     for conv, gen in zip(conversations, batched, strict=True):
-        alone = policy.generate([conv])[0]
+        alone = policy.with_settings(reuse_kv=False).generate([conv])[0]
         assert alone.response_ids == gen.response_ids
         assert alone.logprobs == pytest.approx(gen.logprobs, abs=1e-4)
 
