@@ -1,4 +1,4 @@
-"""Shared fixtures. ``tiny_model_dir``: a tiny GPT-2 base model with the dialogrl chat format, built once per session."""
+"""Shared fixtures. ``tiny_model_dir``: a tiny GPT-style base model (Llama layout, as the real one) with the dialogrl chat format, built once per session."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def make_corpus() -> Callable[..., list[list[Message]]]:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A local model directory (GPT-2, BPE tokenizer, chat template) that builds in a few seconds."""
+    """A local model directory (a Llama-layout GPT, BPE tokenizer, chat template) that builds in a few seconds."""
     from dialogrl.policies.bootstrap import BootstrapConfig, build_base_model
 
     out = tmp_path_factory.mktemp("tiny_base") / "model"
