@@ -75,6 +75,13 @@ def test_quickstart_runs_every_stage_and_reports_every_method(tmp_path: Path,
     resumed = json.loads((out / "timings.json").read_text())  # the skipped steps keep their first-run numbers
     assert resumed["ppo-s0"] == timings["ppo-s0"] and resumed["peak_rss_mb"]["ppo-s0"] == timings["peak_rss_mb"]["ppo-s0"]
     assert len(resumed["invocations"]) == 2 and resumed["untimed"] == []
+    # A trained run that lost an evaluation gets it back, without training again.
+    adapter = (out / "ppo-s0" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+    sampled_before = json.loads((out / "ppo-s0" / "eval_sampled.json").read_text())["records"]
+    (out / "ppo-s0" / "eval_sampled.json").unlink()
+    run_quickstart(cfg)
+    assert json.loads((out / "ppo-s0" / "eval_sampled.json").read_text())["records"] == sampled_before
+    assert (out / "ppo-s0" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == adapter
     # Outputs this folder never timed (copied in from elsewhere) are listed as untimed, not timed as zero.
     (out / "timings.json").unlink()
     run_quickstart(cfg)
