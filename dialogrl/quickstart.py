@@ -126,6 +126,17 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
             timings[step], peak_rss_mb[step] = time.perf_counter() - t, _peak_rss_mb()
             if step in untimed:
                 untimed.remove(step)
+        save_timings(final=False)
+
+    def save_timings(final: bool) -> None:
+        # Written after every step, so a job killed half-way keeps the seconds of what it finished; until the
+        # job ends, steps of earlier runs it has not reached yet keep their numbers.
+        steps = timings if final else {**{k: v for k, v in before.items() if k not in TIMING_META}, **timings}
+        peaks = peak_rss_mb if final else {**before.get("peak_rss_mb", {}), **peak_rss_mb}
+        wall = round(time.perf_counter() - started, 1)
+        invocations = [*before.get("invocations", [before["total"]] if "total" in before else []), wall]
+        write_json({**steps, "total": sum(steps.values()), "peak_rss_mb": peaks, "invocations": invocations,
+                    "untimed": [u for u in untimed if u not in steps]}, out / "timings.json")
     started = time.perf_counter()
 
     t = _step("base model (built once, then cached)")
@@ -203,16 +214,16 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     if sampled:
         compare(sampled, cfg.baseline, out / "report_sampled")
     done("report", t)
-    wall = time.perf_counter() - started
-    timings["total"] = sum(timings.values())
-    invocations = [*before.get("invocations", [before["total"]] if "total" in before else []), round(wall, 1)]
-    write_json({**timings, "peak_rss_mb": peak_rss_mb, "invocations": invocations, "untimed": untimed},
-               out / "timings.json")
+    save_timings(final=True)
     print("\n" + format_table(report))
     print(f"\nreport: {out / 'report' / 'report.md'} (greedy decoding); sampled: {out / 'report_sampled'}")
-    print(f"total {wall:.0f} s (all steps, including earlier runs of this folder: {timings['total']:.0f} s)")
+    print(f"total {time.perf_counter() - started:.0f} s (all steps, including earlier runs of this folder: "
+          f"{sum(timings.values()):.0f} s)")
     return report
 
+
+TIMING_META = ("total", "peak_rss_mb", "invocations", "untimed")
+"""Keys of ``timings.json`` that are not steps."""
 
 RESUMABLE = ("seeds", "methods", "baseline", "out")
 """Settings a rerun in the same folder may change: every other one shaped outputs that are reused."""

@@ -146,3 +146,30 @@ def test_rl_methods_need_sft_first(tmp_path: Path) -> None:
         run_quickstart(_tiny_job(tmp_path, methods=["dpo", "sft"]))
     with pytest.raises(DialogRLError, match="unknown method 'grpo'"):
         run_quickstart(_tiny_job(tmp_path, methods=["sft", "grpo"]))
+
+
+def test_a_job_killed_half_way_keeps_the_seconds_of_the_steps_it_finished(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dialogrl.agents.ppo as ppo
+    from dialogrl.quickstart import run_quickstart
+
+    monkeypatch.setenv("DIALOGRL_CACHE", str(tmp_path / "cache"))
+    cfg = _tiny_job(tmp_path, methods=["sft", "ppo"])
+    real_train_ppo = ppo.train_ppo
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ppo, "train_ppo", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_quickstart(cfg)
+    timings = json.loads((Path(cfg.out) / "timings.json").read_text())
+    assert {"base", "logs", "sft-s0"} <= set(timings) and "ppo-s0" not in timings and timings["sft-s0"] > 0
+    assert timings["total"] == pytest.approx(timings["base"] + timings["logs"] + timings["sft-s0"])
+    assert timings["untimed"] == [] and len(timings["invocations"]) == 1
+
+    monkeypatch.setattr(ppo, "train_ppo", real_train_ppo)
+    run_quickstart(cfg)  # resumed: SFT is not trained again and keeps the seconds it took
+    resumed = json.loads((Path(cfg.out) / "timings.json").read_text())
+    assert resumed["sft-s0"] == timings["sft-s0"] and resumed["ppo-s0"] > 0 and resumed["untimed"] == []
+    assert len(resumed["invocations"]) == 2
