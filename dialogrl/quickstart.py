@@ -81,7 +81,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         text_policy_act,
         write_json,
     )
-    from dialogrl.policies.bootstrap import BootstrapConfig, cached_base_model
+    from dialogrl.policies.bootstrap import BootstrapConfig, cached_base_model, cached_base_path
     from dialogrl.policies.corpus import CORPUS_VERSION, domain_corpus
     from dialogrl.policies.scripted import make_scripted
     from dialogrl.report import compare, format_table
@@ -140,10 +140,11 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     started = time.perf_counter()
 
     t = _step("base model (built once, then cached)")
+    was_cached = (cached_base_path(base_cfg, corpus_version=CORPUS_VERSION) / "config.json").is_file()
     base_dir = cached_base_model(base_cfg, lambda: domain_corpus(base_cfg.corpus_episodes, base_cfg.seed),
                                  corpus_version=CORPUS_VERSION)
     print(f"base model: {base_dir}")
-    done("base", t)
+    done("base", t, skipped=was_cached)  # a cached base keeps the seconds its build took here, if it was built here
 
     t = _step("conversation logs (train split)")
     logs, expert_logs = out / "logs" / "historical.jsonl", out / "logs" / "expert.jsonl"

@@ -135,10 +135,15 @@ def cached_base_model(config: BootstrapConfig, corpus_fn: Callable[[], Iterable[
 
     The key hashes the config, ``corpus_version`` (bump it when the corpus changes) and this module's recipe.
     """
-    path = cache_root(cache_dir) / f"base-{config.cache_key(corpus_version)}"
+    path = cached_base_path(config, cache_dir, corpus_version)
     if (path / "config.json").is_file():
         return path
     return build_base_model(config, corpus_fn(), path, progress=progress, exist_ok=True)
+
+
+def cached_base_path(config: BootstrapConfig, cache_dir: str | Path | None = None, corpus_version: str = "") -> Path:
+    """Where :func:`cached_base_model` keeps the model of ``config`` (built there or not)."""
+    return cache_root(cache_dir) / f"base-{config.cache_key(corpus_version)}"
 
 
 def default_base_model(progress: bool = True) -> Path:

@@ -74,6 +74,7 @@ def test_quickstart_runs_every_stage_and_reports_every_method(tmp_path: Path,
     assert again["methods"]["ppo"]["success_rate"] == report["methods"]["ppo"]["success_rate"]
     resumed = json.loads((out / "timings.json").read_text())  # the skipped steps keep their first-run numbers
     assert resumed["ppo-s0"] == timings["ppo-s0"] and resumed["peak_rss_mb"]["ppo-s0"] == timings["peak_rss_mb"]["ppo-s0"]
+    assert resumed["base"] == timings["base"]  # the cached base keeps the seconds its build took
     assert len(resumed["invocations"]) == 2 and resumed["untimed"] == []
     # A trained run that lost an evaluation gets it back, without training again.
     adapter = (out / "ppo-s0" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
@@ -87,6 +88,7 @@ def test_quickstart_runs_every_stage_and_reports_every_method(tmp_path: Path,
     run_quickstart(cfg)
     copied = json.loads((out / "timings.json").read_text())
     assert "ppo-s0" in copied["untimed"] and "ppo-s0" not in copied and "report" in copied
+    assert "base" in copied["untimed"] and "base" not in copied  # cached before this folder timed anything
     # ... but not with settings that shaped those outputs.
     with pytest.raises(DialogRLError, match=r"log_errors=\{\"skip_verification\": 1.0\}, not \{\}"):
         run_quickstart(_tiny_job(tmp_path, log_errors={}))
