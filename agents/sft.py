@@ -56,6 +56,12 @@ class SFTConfig:
     """Conversations per optimizer step."""
     gradient_accumulation_steps: int = 1
     """Batches accumulated per optimizer step."""
+    train_sampling_strategy: str = "random"
+    """Transformers' training sampler: ``random``, ``group_by_length`` (random groups of 50 batches, each cut from
+    its conversations sorted by length: little padding), ``sequential`` or ``batch_rebalance``. On the default
+    logs (3 seeds) ``group_by_length`` trained 1.4x faster (134-168 s against 186-218 s; a third of ``random``'s
+    batch tokens are padding) to a lower validation loss on every seed, but its held-out success was 0.540
+    against 0.568: ``random`` stays the default, the one every benchmark here was measured with."""
     learning_rate: float = 2e-3
     """AdamW learning rate; LoRA on a tiny model wants ~1e-3..5e-3 (TRL's 2e-5 default barely moves it)."""
     lr_scheduler_type: str = "linear"
@@ -110,6 +116,7 @@ class SFTConfig:
             check_number(self, "num_train_epochs", above=0)
         check_lora_fields(self)
         _check_scheduler(self.lr_scheduler_type, self.eval_fraction)
+        _check_sampling_strategy(self.train_sampling_strategy)
 
     @property
     def train_files(self) -> list[str]:
@@ -134,6 +141,15 @@ def _check_scheduler(name: str, eval_fraction: float) -> None:
         raise DialogRLError(f"lr_scheduler_type={name}: {why}; use one of {usable}")
     if name in SCHEDULERS_ON_EVAL_LOSS and eval_fraction == 0:
         raise DialogRLError(f"lr_scheduler_type={name}: steps on the validation loss, so needs eval_fraction > 0")
+
+
+def _check_sampling_strategy(name: str) -> None:
+    from transformers import TrainingArguments
+
+    known = TrainingArguments.__dataclass_fields__["train_sampling_strategy"].metadata.get("choices", [])
+    if name not in known:
+        raise DialogRLError(f"train_sampling_strategy={name}: not a transformers sampling strategy; "
+                            f"use one of {', '.join(known)}")
 
 
 def main_sft(config_path: str | None, overrides: list[str]) -> Path:
@@ -251,6 +267,7 @@ def _train(config: SFTConfig, train_rows: list[dict], eval_rows: list[dict], tmp
         max_steps=config.max_steps, num_train_epochs=config.num_train_epochs,
         per_device_train_batch_size=config.per_device_train_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
+        train_sampling_strategy=config.train_sampling_strategy,
         learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
         weight_decay=config.weight_decay, seed=config.seed, data_seed=config.seed,
         logging_steps=config.logging_steps, logging_first_step=True, disable_tqdm=True,
@@ -273,17 +290,20 @@ def _train(config: SFTConfig, train_rows: list[dict], eval_rows: list[dict], tmp
     finally:
         torch.set_num_threads(threads)
     wall = time.perf_counter() - start
+    history = list(trainer.state.log_history)
+    # The validation loss of the weights being saved: shows that the best checkpoint, not the last, was kept.
+    saved_eval_loss = trainer.evaluate()["eval_loss"] if validate else None
     trainer.model.save_pretrained(str(tmp / "adapter"))
     tokenizer.save_pretrained(str(tmp / "adapter"))
     shutil.rmtree(tmp / "trainer", ignore_errors=True)  # checkpoints: the best one is already loaded and saved
 
-    history = trainer.state.log_history
     planned = trainer.state.max_steps
     return {
         "train_loss": [[h["step"], h["loss"]] for h in history if "loss" in h],
         "eval_loss": [[h["step"], h["eval_loss"]] for h in history if "eval_loss" in h],
         "best_eval_loss": trainer.state.best_metric if validate else None,
         "best_step": _step_of(trainer.state.best_model_checkpoint) if validate else None,
+        "saved_eval_loss": saved_eval_loss,
         "mean_train_loss": result.training_loss,
         "steps": trainer.state.global_step,
         "planned_steps": planned,

@@ -100,6 +100,21 @@ def test_train_reload_and_generate(model_dir: Path, tmp_path: Path) -> None:
     assert generated[0, prompt["input_ids"].shape[1]] == tuned[0, -1].argmax()
 
 
+def test_the_best_checkpoint_is_saved_not_the_last(model_dir: Path, tmp_path: Path) -> None:
+    # A learning rate far too high makes the validation loss bounce, so the last evaluation is not the best.
+    data = write_jsonl(tmp_path / "logs.jsonl", [conversation(i, True) for i in range(16)])
+    run_dir = train_sft(SFTConfig(
+        model=str(model_dir), train_file=str(data), output_dir=str(tmp_path / "run"), max_steps=12, eval_steps=1,
+        early_stopping_patience=0, learning_rate=30.0, lr_scheduler_type="constant", eval_fraction=0.25,
+        per_device_train_batch_size=4, max_length=128,
+    ))
+    metrics = json.loads((run_dir / "run.json").read_text())["metrics"]
+    losses = dict(metrics["eval_loss"])
+    assert metrics["best_step"] < metrics["steps"] and losses[metrics["steps"]] > metrics["best_eval_loss"]
+    # saved_eval_loss is measured again on the weights written to adapter/
+    assert metrics["saved_eval_loss"] == pytest.approx(metrics["best_eval_loss"], abs=1e-6)
+
+
 def test_loss_decreases_on_repetitive_data(model_dir: Path, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "rep.jsonl", [conversation(i, True) for i in range(8)])
     run_dir = train_sft(SFTConfig(
@@ -125,6 +140,27 @@ def test_a_few_steps_on_real_data(model_dir: Path, tmp_path: Path, name: str) ->
     assert metrics["steps"] == 2 and metrics["train_conversations"] > 0
     assert all(loss > 0 for _, loss in metrics["train_loss"])
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(("strategy", "sampler"), [("group_by_length", "LengthGroupedSampler"),
+                                                   ("random", "RandomSampler")])
+def test_sampling_strategy_reaches_the_trainer(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               strategy: str, sampler: str) -> None:
+    from transformers import Trainer
+
+    used: list[str] = []
+    original = Trainer._get_train_sampler
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        made = original(self, *args, **kwargs)
+        used.append(type(made).__name__)
+        return made
+
+    monkeypatch.setattr(Trainer, "_get_train_sampler", spy)
+    data = write_jsonl(tmp_path / "logs.jsonl", [conversation(i, True) for i in range(4)])
+    train_sft(SFTConfig(model=str(model_dir), train_file=str(data), output_dir=str(tmp_path / "run"), max_steps=1,
+                        eval_fraction=0, max_length=128, train_sampling_strategy=strategy))
+    assert used == [sampler]
 
 
 @pytest.mark.parametrize(
@@ -200,6 +236,8 @@ def test_empty_model_means_the_cached_base_model(model_dir: Path, tmp_path: Path
     (["weight_decay=-0.1"], "weight_decay=-0.1: must be a finite number >= 0"),
     (["lora_alpha=0"], "lora_alpha=0: must be a finite number > 0"),
     (["lora_r=0"], "lora_r=0: must be at least 1"),
+    (["train_sampling_strategy=shortest"], "train_sampling_strategy=shortest: not a transformers sampling "
+                                           "strategy; use one of random, sequential, group_by_length"),
 ])
 def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, overrides: list[str], needle: str) -> None:
     out = tmp_path / "runs" / "sft"
