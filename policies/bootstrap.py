@@ -53,7 +53,7 @@ CHAT_TEMPLATE = (
 
 NOT_IN_KEY = ("num_threads",)
 """Config fields that do not change the built model."""
-ADDED_LATER = {"bf16": False}
+ADDED_LATER = {"bf16": False, "split_digits": False}
 """Config fields added after models were cached, with the value those builds had."""
 
 
@@ -95,6 +95,10 @@ class BootstrapConfig:
     """Conversations in the domain corpus (read by the corpus function the caller passes). The default is about
     one pass of ``steps``: every sequence brings ids the model has not seen, so only copying them lowers the
     loss; recalling memorised ids from earlier passes cannot."""
+    split_digits: bool = False
+    """Give every digit its own token (no BPE merges across digits). Not the default: at the default size and
+    steps, copying had not appeared by step 2,000 (teacher-forced probability of the id digits in expert
+    replies 0.15, against 0.97 with merged digits; final loss 0.35)."""
     tokenizer_conversations: int = 1000
     """Conversations the BPE tokenizer is trained on (spread evenly over the corpus; 0: all)."""
     num_threads: int = 0
@@ -196,7 +200,9 @@ def train_tokenizer(config: BootstrapConfig, conversations: list[list[Message]])
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if config.split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=config.vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

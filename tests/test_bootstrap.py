@@ -13,6 +13,7 @@ from dialogrl.policies.bootstrap import (
     build_base_model,
     cache_root,
     cached_base_model,
+    train_tokenizer,
 )
 from dialogrl.types import DialogRLError
 
@@ -53,6 +54,19 @@ def test_tokenizer_round_trip(tokenizer, text: str) -> None:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == text
     assert max(ids) < len(tokenizer)
+
+
+def test_split_digits_gives_every_digit_its_own_token(make_corpus) -> None:
+    text = "Your refund of $387.68 for order A44643 [verify phone=606-639-1334 zip=60837]"
+    conversations = make_corpus(40) + [[{"role": "user", "content": "387 387 387 4643 4643 1334 1334"}]] * 20
+    merged = train_tokenizer(BootstrapConfig.tiny(), conversations)
+    split = train_tokenizer(replace(BootstrapConfig.tiny(), split_digits=True), conversations)
+    pieces = [split.decode([i]) for i in split(text, add_special_tokens=False)["input_ids"]]
+    assert [p for p in pieces if any(c.isdigit() for c in p)] == [c for c in text if c.isdigit()]
+    assert split.decode(split(text, add_special_tokens=False)["input_ids"]) == text
+    merged_pieces = [merged.decode([i]) for i in merged(text, add_special_tokens=False)["input_ids"]]
+    assert any(sum(c.isdigit() for c in p) > 1 for p in merged_pieces)  # the default merges digits
+    assert BootstrapConfig().cache_key("v7") != replace(BootstrapConfig(), split_digits=True).cache_key("v7")
 
 
 def test_chat_template_renders_every_role_and_generation_prompt(tokenizer) -> None:
