@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -188,6 +187,7 @@ def _load_policy(spec: str, seed: int, errors: list[str] | None = None, decoding
 
 
 def _cmd_logs(args: argparse.Namespace) -> None:
+    from dialogrl.data import write_logs
     from dialogrl.evaluation import make_env, require_text_env, run_episodes, scenario_seeds, text_policy_act
 
     check_out_file(args.out)
@@ -196,19 +196,9 @@ def _cmd_logs(args: argparse.Namespace) -> None:
     require_text_env(args.env, kwargs)
     records = run_episodes(lambda: make_env(args.env, **kwargs), text_policy_act(policy),
                            scenario_seeds(args.seed, args.episodes), keep_messages=True)
-    write_jsonl(records, args.out)
+    write_logs(records, args.out)
     rate = sum(r["success"] for r in records) / len(records)
     print(f"wrote {len(records)} conversations to {args.out} (success rate {rate:.3f})")
-
-
-def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:
-    """Conversation logs: ``messages`` first, metadata beside it; written atomically."""
-    from dialogrl.outputs import write_text_atomic
-
-    write_text_atomic(path, "".join(json.dumps({
-        "messages": r["messages"], "intent": r["intent"], "persona": r["persona"], "seed": r["scenario_seed"],
-        "success": r["success"], "return": r["return"], "reward_components": r["reward_components"]}) + "\n"
-        for r in records))
 
 
 def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:

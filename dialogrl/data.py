@@ -35,6 +35,18 @@ DEFAULT_SYSTEM_PROMPT = (
 _BARE_VALUE = re.compile(r"""[^\s"'\[\]\\]+""")
 
 
+def write_logs(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Episode records (``run_episodes(..., keep_messages=True)``) as conversation logs that
+    :func:`load_conversations` and ``datasets.load_dataset("json", ...)`` read: ``messages`` first, metadata beside
+    it; written atomically."""
+    from dialogrl.outputs import write_text_atomic
+
+    return write_text_atomic(Path(path), "".join(json.dumps({
+        "messages": r["messages"], "intent": r["intent"], "persona": r["persona"], "seed": r["scenario_seed"],
+        "success": r["success"], "return": r["return"], "reward_components": r["reward_components"]}) + "\n"
+        for r in records))
+
+
 def load_conversations(
     path: str | Path,
     *,

@@ -178,9 +178,12 @@ def text_policy_act(policy: Any) -> ActFn:
 def evaluate(
     policy: Any, env_id: str = "dialogrl/CustomerService-v0", *, split: str = "test", episodes: int = 200,
     seed: int = 0, repeats: int = 1, env_kwargs: dict[str, Any] | None = None, act: ActFn | None = None,
-    method: str | None = None, decoding: str = "scripted", training_seed: int | None = None, batch_size: int = 32,
+    method: str | None = None, decoding: str | None = None, training_seed: int | None = None, batch_size: int = 32,
 ) -> dict[str, Any]:
-    """Evaluate a policy on ``episodes`` held-out scenarios; returns the eval-JSON dict."""
+    """Evaluate a policy on ``episodes`` held-out scenarios; returns the eval-JSON dict.
+
+    ``decoding`` labels the evaluation in reports; None: ``greedy`` or ``sampled`` for a policy with generation
+    settings (an LM policy), else ``scripted``."""
     if episodes <= 0:
         raise DialogRLError(f"episode count must be positive, got {episodes}")
     if repeats <= 0:
@@ -192,6 +195,8 @@ def evaluate(
         make_env(env_id, **kwargs).close()
     seeds = scenario_seeds(seed, episodes)
     generation = getattr(policy, "generation", None)
+    if decoding is None:
+        decoding = "scripted" if generation is None else "sampled" if generation.do_sample else "greedy"
     if act is None and getattr(generation, "do_sample", False) and getattr(generation, "seed", 0) is None:
         # Sampling draws from the evaluation's seed, not from whatever torch's global RNG went through before.
         policy = policy.with_settings(seed=seed)

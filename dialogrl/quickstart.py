@@ -73,6 +73,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     from dialogrl.agents.ppo import PPOConfig, evaluate_run, train_ppo
     from dialogrl.agents.sft import SFTConfig, train_sft
     from dialogrl.config import check_at_least, load_config
+    from dialogrl.data import write_logs
     from dialogrl.evaluation import (
         evaluate,
         make_env,
@@ -154,13 +155,11 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     logs_existed = all(path.exists() for path, _ in authors)
     for path, author in authors:
         if not path.exists():  # both authors meet the same customers
-            from dialogrl.cli import write_jsonl
-
             policy = make_scripted(author, seed=0, errors=cfg.log_errors if author == "historical" else None)
             records = run_episodes(lambda: make_env("dialogrl/CustomerService-v0", split="train"),
                                    text_policy_act(policy), scenario_seeds(10_000 + cfg.eval_seed, cfg.log_episodes),
                                    keep_messages=True)
-            write_jsonl(records, path)
+            write_logs(records, path)
     done("logs", t, skipped=logs_existed)
 
     evals: list[Path] = []

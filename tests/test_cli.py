@@ -319,7 +319,7 @@ def test_out_path_is_checked_before_the_episodes_run(tmp_path: Path, capsys: pyt
 
 
 def test_write_errors_name_the_target_not_the_temp_file(tmp_path: Path) -> None:
-    from dialogrl.cli import write_jsonl
+    from dialogrl.data import write_logs
     from dialogrl.evaluation import write_json
 
     target = tmp_path / "taken"
@@ -329,7 +329,7 @@ def test_write_errors_name_the_target_not_the_temp_file(tmp_path: Path) -> None:
         write_json({"a": 1}, target)
     assert err.value.filename == str(target)
     with pytest.raises(OSError) as err:
-        write_jsonl([], target)
+        write_logs([], target)
     assert err.value.filename == str(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
     assert [p.name for p in target.iterdir()] == ["keep"]

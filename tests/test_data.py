@@ -14,6 +14,7 @@ from dialogrl.data import (
     format_inline_action,
     load_conversations,
     load_preference_pairs,
+    write_logs,
 )
 from dialogrl.envs.actions import parse_reply
 from dialogrl.types import DialogRLError
@@ -220,14 +221,13 @@ def test_taskmaster_pairs_load() -> None:
 
 def test_own_environment_logs_load_unchanged(tmp_path: Path) -> None:
     import dialogrl.policies.scripted as scripted
-    from dialogrl.cli import write_jsonl
     from dialogrl.evaluation import make_env, run_episodes, scenario_seeds, text_policy_act
 
     records = run_episodes(lambda: make_env("dialogrl/CustomerService-v0", split="train"),
                            text_policy_act(scripted.make_scripted("historical", seed=0)),
                            scenario_seeds(1, 12), keep_messages=True)
     path = tmp_path / "historical.jsonl"
-    write_jsonl(records, path)
+    write_logs(records, path)
     rows = load_conversations(path, require_success_field=True)
     assert [r["messages"] for r in rows] == [r["messages"] for r in records]
     assert len(filter_success(rows)) == sum(r["success"] for r in records)
