@@ -221,17 +221,22 @@ def _key(conversation: Sequence[Message]) -> tuple[tuple[str, str], ...]:
 _FROM_ENV: dict[tuple[str, str], RewardModelReward] = {}
 
 
-@register_reward("reward_model")
-def from_env(t: Transition) -> float:
+class _RewardFromEnv:
     """Learned reward model(s) in $DIALOGRL_REWARD_MODEL (run dirs, comma-separated; ensemble: mean - λ·std).
 
     λ is ``$DIALOGRL_REWARD_MODEL_PENALTY`` (default 0). Refer to it as ``reward_model`` once this module is
     imported, or by the import path ``dialogrl.rewards.reward_model:from_env``. Models load once per process.
     """
-    return reward_from_env()(t)
+
+    # A callable object rather than a function: it also scores a turn's replies in one batch (``prefetch``).
+    def __call__(self, t: Transition) -> float:
+        return reward_from_env()(t)
+
+    def prefetch(self, conversations: Sequence[Sequence[Message]]) -> None:
+        reward_from_env().prefetch(conversations)
 
 
-from_env.prefetch = lambda conversations: reward_from_env().prefetch(conversations)  # type: ignore[attr-defined]
+from_env = register_reward("reward_model")(_RewardFromEnv())
 
 
 @register_reward("reward_model_final")
