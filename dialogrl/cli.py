@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", type=_name, help="method name in reports (default: the run's method, else the policy's name)")
     p.add_argument("--decoding", choices=["greedy", "sampled"],
                    help="replies of a language-model run directory (default: greedy)")
+    p.add_argument("--transcripts", type=_out_path,
+                   help="also write every conversation (HF messages JSONL, the format of `dialogrl logs`)")
     _error_args(p)
     _env_args(p, "test")
 
@@ -205,8 +207,11 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from dialogrl.evaluation import evaluate, require_text_env, write_json
     from dialogrl.policies.scripted import SCRIPTED
 
-    if args.out is not None:
-        check_out_file(args.out)
+    for path in (args.out, args.transcripts):
+        if path is not None:
+            check_out_file(path)
+    if args.out is not None and args.out == args.transcripts:
+        raise DialogRLError(f"--out and --transcripts are the same file: {args.out}")
     scripted = args.policy in SCRIPTED
     if scripted and args.decoding:
         raise DialogRLError(f"--decoding applies to language-model run directories, not '{args.policy}'")
@@ -222,8 +227,16 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     method, training_seed = args.method or run.get("method"), run.get("seed")
     result = evaluate(policy, args.env, split=args.split, episodes=args.episodes, seed=args.seed,
                       repeats=args.repeats, env_kwargs=_env_kwargs(args), method=method, decoding=decoding,
-                      training_seed=training_seed if isinstance(training_seed, int) else None)
+                      training_seed=training_seed if isinstance(training_seed, int) else None,
+                      keep_messages=args.transcripts is not None)
     print(format_metrics({result["method"]: result}))
+    if args.transcripts:
+        from dialogrl.data import write_logs
+
+        write_logs(result["records"], args.transcripts)
+        for record in result["records"]:  # the evaluation JSON stays small: conversations are in the transcripts
+            del record["messages"]
+        print(f"wrote {args.transcripts}")
     if args.out:
         write_json(result, args.out)
         print(f"wrote {args.out}")

@@ -179,11 +179,13 @@ def evaluate(
     policy: Any, env_id: str = "dialogrl/CustomerService-v0", *, split: str = "test", episodes: int = 200,
     seed: int = 0, repeats: int = 1, env_kwargs: dict[str, Any] | None = None, act: ActFn | None = None,
     method: str | None = None, decoding: str | None = None, training_seed: int | None = None, batch_size: int = 32,
+    keep_messages: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a policy on ``episodes`` held-out scenarios; returns the eval-JSON dict.
 
     ``decoding`` labels the evaluation in reports; None: ``greedy`` or ``sampled`` for a policy with generation
-    settings (an LM policy), else ``scripted``."""
+    settings (an LM policy), else ``scripted``. ``keep_messages``: every record keeps its conversation
+    (``messages``, HF format), e.g. for :func:`dialogrl.data.write_logs`."""
     if episodes <= 0:
         raise DialogRLError(f"episode count must be positive, got {episodes}")
     if repeats <= 0:
@@ -203,12 +205,15 @@ def evaluate(
     # An LM policy with a reference (its adapter disabled) also reports how far it moved: KL on its own replies.
     kl_fn = getattr(policy, "kl_to_reference", None) if act is None else None
     records = run_episodes(lambda: make_env(env_id, **kwargs), act or text_policy_act(policy), seeds,
-                           repeats=repeats, batch_size=batch_size, keep_messages=kl_fn is not None)
+                           repeats=repeats, batch_size=batch_size, keep_messages=keep_messages or kl_fn is not None)
     summary = summarise(records)
     if kl_fn is not None:
-        kl = kl_fn([r.pop("messages") for r in records])
+        kl = kl_fn([r["messages"] for r in records])
         if kl is not None:
             summary["metrics"]["kl_to_reference"] = kl
+    if not keep_messages:
+        for record in records:
+            record.pop("messages", None)
     name = getattr(policy, "name", str(policy))
     return {
         "policy": name, "method": method or name, "env_id": env_id, "split": split, "seed": seed,

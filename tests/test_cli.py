@@ -84,9 +84,29 @@ def test_eval_of_a_run_directory_records_its_method_seed_and_decoding(tiny_model
     assert (greedy["method"], greedy["training_seed"], greedy["decoding"]) == ("sft", 3, "greedy")
     assert (sampled["method"], sampled["decoding"]) == ("sft", "sampled")
     assert named["method"] == "mine"
+    with_transcripts = run_eval(tmp_path, *args, "--transcripts", str(tmp_path / "t.jsonl"), name="t.json")
+    assert with_transcripts["metrics"] == greedy["metrics"]  # KL included: transcripts change nothing measured
+    assert len((tmp_path / "t.jsonl").read_text().splitlines()) == 3
     # A fresh LoRA adapter (B = 0) has not moved the model: KL to the reference (adapter disabled) is 0.
     assert greedy["metrics"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)
     assert "kl_to_reference" in format_metrics({"sft": greedy})
+
+
+def test_eval_transcripts_are_the_evaluated_conversations_as_logs(tmp_path: Path) -> None:
+    from dialogrl.data import load_conversations
+
+    transcripts = tmp_path / "transcripts.jsonl"
+    result = run_eval(tmp_path, "--policy", "historical", "--episodes", "12", "--seed", "4",
+                      "--transcripts", str(transcripts))
+    plain = run_eval(tmp_path, "--policy", "historical", "--episodes", "12", "--seed", "4", name="plain.json")
+    assert result["records"] == plain["records"]  # no conversations in the evaluation JSON
+    rows = load_conversations(transcripts, require_success_field=True)
+    assert [(r["seed"], r["success"], r["intent"]) for r in rows] == [
+        (r["scenario_seed"], r["success"], r["intent"]) for r in result["records"]]
+    assert all(r["messages"][0]["role"] == "system" and any(m["role"] == "assistant" for m in r["messages"])
+               for r in rows)
+    assert main(["eval", "--policy", "expert", "--out", str(tmp_path / "x.json"),
+                 "--transcripts", str(tmp_path / "x.json")]) == 2
 
 
 def test_same_seed_pairs_policies_on_the_same_scenarios(tmp_path: Path) -> None:
