@@ -98,7 +98,8 @@ def _env_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="dialogrl", description=__doc__)
+    parser = _Parser(prog="dialogrl", description="Train and evaluate customer-service dialogue agents with RL. "
+                     "Every user error is one line on stderr and exit code 2.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     sub.add_parser("envs", help="list registered environment ids")
