@@ -22,6 +22,11 @@ SCRIPTED_REFERENCES = ("expert", "historical")
 """Scripted policies the job evaluates beside the trained methods (each can be the ``baseline``)."""
 LEARNED_REWARD = "dialogrl.rewards.reward_model:from_env"
 """The reward spec ``ppo-rm`` trains on: the reward model(s) named by $DIALOGRL_REWARD_MODEL, nothing else."""
+LEARNED_REWARD_KL_COEF = 1.0
+"""``ppo-rm``'s KL coefficient (``ppo:`` overrides still win). The learned reward pays about 2 per reply (returns
+around 8 per episode) against the rule reward's 0.3-0.6 per episode, so PPO's default 0.05 is twenty times
+weaker against it: with 0.05, ppo-rm drifted to 5 nats per reply from SFT and gamed the reward model (held-out
+success 0.187 over 3 seeds); with 1.0, 0.590 (SFT 0.568, rule-reward PPO 0.632)."""
 
 
 @dataclass
@@ -184,7 +189,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
                 elif method == "ppo-rm":
                     rm_dir = _reward_model(cfg, out / f"rm-s{seed}", base_dir, seed)
                     overrides = [f"init_adapter={out / f'sft-s{seed}'}", f"seed={seed}", f"output_dir={run_dir}",
-                                 "eval_episodes=0", *cfg.ppo, f"rewards={json.dumps([LEARNED_REWARD])}",
+                                 "eval_episodes=0", f"kl_coef={LEARNED_REWARD_KL_COEF}", *cfg.ppo,
+                                 f"rewards={json.dumps([LEARNED_REWARD])}",
                                  "method=ppo-rm"]
                     with patch.dict(os.environ, {ENV_PATHS: str(rm_dir.resolve())}):  # restored after
                         train_ppo(load_config(PPOConfig, None, overrides))
