@@ -6,7 +6,7 @@ TRL removed its PPOTrainer in 1.13, so the loop is written here, top to bottom:
    disabling a fresh LoRA adapter (no second model copy). A linear value head reads the last hidden state.
 2. Each iteration plays whole conversations in batched environments (``agents.rollouts.collect``).
 3. A forward pass gives old log-probs and values; the adapter-disabled pass gives reference log-probs.
-4. Per token reward = -kl_coef * (logp - ref_logp), plus the env reward on the turn's last token.
+4. Per token reward = -kl_coef * KL estimate (k1: logp - ref_logp), plus the env reward on the turn's last token.
    GAE runs over the episode's reply tokens, across turns, so credit reaches the turn that earned it.
 5. Clipped policy and value losses, minibatch epochs over episodes, gradient clipping.
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -85,6 +86,9 @@ class PPOConfig(TrainingEnvConfig):
     """Weight of the value loss."""
     kl_coef: float = 0.05
     """Per-token KL penalty to the reference policy (initial value when adaptive)."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimate in the reward: ``k1`` = logp - ref_logp (negative on tokens the reference likes
+    more than the policy does); ``k3`` = r - 1 - log r with r = p_ref / p (never negative; Schulman 2020)."""
     adaptive_kl: bool = False
     """Adapt kl_coef towards target_kl (Ziegler et al. 2019)."""
     target_kl: float = 0.05
@@ -114,6 +118,8 @@ class PPOConfig(TrainingEnvConfig):
         check_number(self, "clip_range", "value_clip", "vf_coef", "kl_coef", "target_kl", at_least=0)
         check_number(self, "gamma", "lam", at_least=0, at_most=1)
         check_lora_fields(self)
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise DialogRLError(f"kl_estimator={self.kl_estimator}: use one of {', '.join(KL_ESTIMATORS)}")
         if self.adaptive_kl:  # the controller divides by it
             check_number(self, "target_kl", above=0)
         if self.episodes_per_iteration % self.minibatch_episodes:
@@ -146,6 +152,13 @@ class Prepared:
     entropy: float
 
 
+KL_ESTIMATORS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "k1": lambda log_ratio: log_ratio,
+    "k3": lambda log_ratio: np.expm1(-log_ratio) + log_ratio,  # r - 1 - log r, r = exp(-log_ratio)
+}
+"""Per-token estimates of KL(policy || reference) from the sampled tokens' log-ratio log p - log p_ref."""
+
+
 @torch.no_grad()
 def prepare(module: PolicyWithValue, batch: RolloutBatch, cfg: PPOConfig, kl_coef: float, accelerator: Any) -> Prepared:
     """Old log-probs, values, reference log-probs, KL-shaped rewards and whitened GAE advantages."""
@@ -161,7 +174,7 @@ def prepare(module: PolicyWithValue, batch: RolloutBatch, cfg: PPOConfig, kl_coe
     kl_sum, tokens = 0.0, 0
     for indices in by_episode.values():
         indices.sort(key=lambda i: batch.samples[i].turn)
-        kl = [(old_logp[i] - ref_logp[i]).numpy() for i in indices]
+        kl = [KL_ESTIMATORS[cfg.kl_estimator]((old_logp[i] - ref_logp[i]).numpy()) for i in indices]
         rewards = [-kl_coef * k for k in kl]
         for r, i in zip(rewards, indices, strict=True):
             if len(r):

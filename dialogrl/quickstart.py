@@ -22,11 +22,13 @@ SCRIPTED_REFERENCES = ("expert", "historical")
 """Scripted policies the job evaluates beside the trained methods (each can be the ``baseline``)."""
 LEARNED_REWARD = "dialogrl.rewards.reward_model:from_env"
 """The reward spec ``ppo-rm`` trains on: the reward model(s) named by $DIALOGRL_REWARD_MODEL, nothing else."""
-LEARNED_REWARD_KL_COEF = 1.0
-"""``ppo-rm``'s KL coefficient (``ppo:`` overrides still win). The learned reward pays about 2 per reply (returns
-around 8 per episode) against the rule reward's 0.3-0.6 per episode, so PPO's default 0.05 is twenty times
-weaker against it: with 0.05, ppo-rm drifted to 5 nats per reply from SFT and gamed the reward model (held-out
-success 0.187 over 3 seeds); with 1.0, 0.590 (SFT 0.568, rule-reward PPO 0.632)."""
+LEARNED_REWARD_PPO = ("kl_coef=1.0", "kl_estimator=k3")
+"""``ppo-rm``'s PPO settings (``ppo:`` overrides still win). The learned reward pays about 2 per reply (returns
+around 8 per episode) against the rule reward's 0.3-0.6 per episode, so PPO's default KL coefficient 0.05 is twenty
+times weaker against it: with 0.05, ppo-rm drifted to 5 nats per reply from SFT and gamed the reward model
+(held-out success 0.187 over 3 seeds; with 1.0, 0.590). At 1.0 the k1 estimate's negative per-token values (a
+bonus for tokens the reference prefers) let one habit-logs seed collapse (entropy 0.06 -> 2.7, held-out 0.26);
+the non-negative k3 estimate did not (0.58)."""
 
 
 @dataclass
@@ -189,7 +191,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
                 elif method == "ppo-rm":
                     rm_dir = _reward_model(cfg, out / f"rm-s{seed}", base_dir, seed)
                     overrides = [f"init_adapter={out / f'sft-s{seed}'}", f"seed={seed}", f"output_dir={run_dir}",
-                                 "eval_episodes=0", f"kl_coef={LEARNED_REWARD_KL_COEF}", *cfg.ppo,
+                                 "eval_episodes=0", *LEARNED_REWARD_PPO, *cfg.ppo,
                                  f"rewards={json.dumps([LEARNED_REWARD])}",
                                  "method=ppo-rm"]
                     with patch.dict(os.environ, {ENV_PATHS: str(rm_dir.resolve())}):  # restored after

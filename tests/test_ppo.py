@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from dialogrl.agents.ppo import PPOConfig, gae, train_ppo
+from dialogrl.agents.ppo import KL_ESTIMATORS, PPOConfig, gae, train_ppo
 from dialogrl.types import DialogRLError
 
 pytestmark = pytest.mark.slow
@@ -52,6 +52,16 @@ def test_gae_matches_hand_computation() -> None:
     assert np.allclose(adv0, [0.6 - 0.5, 0.7 - 0.6, 1.0 - 0.7])
 
 
+def test_kl_estimators_are_unbiased_and_k3_never_negative() -> None:
+    p, ref = np.array([0.7, 0.2, 0.1]), np.array([0.5, 0.3, 0.2])
+    tokens = np.random.default_rng(0).choice(3, 200_000, p=p)  # sampled from the policy, as in rollouts
+    log_ratio = np.log(p[tokens]) - np.log(ref[tokens])
+    exact = float((p * np.log(p / ref)).sum())
+    for name, estimate in KL_ESTIMATORS.items():
+        assert estimate(log_ratio).mean() == pytest.approx(exact, rel=0.02), name
+    assert (KL_ESTIMATORS["k1"](log_ratio) < 0).any() and (KL_ESTIMATORS["k3"](log_ratio) >= 0).all()
+
+
 @pytest.mark.parametrize(("overrides", "needle"), [
     (["minibatch_episodes=0"], "minibatch_episodes=0: must be at least 1"),  # was a ZeroDivisionError
     (["checkpoint_every=0"], "checkpoint_every=0: must be at least 1"),  # ZeroDivisionError after an iteration
@@ -75,6 +85,7 @@ def test_gae_matches_hand_computation() -> None:
     (["value_clip=.inf"], "value_clip=inf"),
     (["vf_coef=-1"], "vf_coef=-1.0"),
     (["adaptive_kl=true", "target_kl=0"], "target_kl=0.0: must be a finite number > 0"),
+    (["kl_estimator=k2"], "kl_estimator=k2: use one of k1, k3"),
     (["max_grad_norm=0"], "max_grad_norm=0.0"),
     (["gamma=1.5"], "gamma=1.5: must be a finite number in [0, 1]"),
     (["minibatch_episodes=5"], "minibatch_episodes=5: must divide episodes_per_iteration=64"),

@@ -57,8 +57,9 @@ def test_quickstart_runs_every_stage_and_reports_every_method(tmp_path: Path,
     # ppo-rm trained on the learned reward alone; its evaluation still judges true success from the database.
     run = json.loads((out / "ppo-rm-s0" / "run.json").read_text())
     assert run["config"]["rewards"] == ["dialogrl.rewards.reward_model:from_env"] and run["method"] == "ppo-rm"
-    assert run["config"]["kl_coef"] == 1.0  # scaled to the learned reward's magnitude
-    assert json.loads((out / "ppo-s0" / "run.json").read_text())["config"]["kl_coef"] == 0.05
+    assert (run["config"]["kl_coef"], run["config"]["kl_estimator"]) == (1.0, "k3")  # scaled to the learned reward
+    ppo_config = json.loads((out / "ppo-s0" / "run.json").read_text())["config"]
+    assert (ppo_config["kl_coef"], ppo_config["kl_estimator"]) == (0.05, "k1")
     assert Path(run["reward_model_dirs"]) == (out / "rm-s0").resolve() and (out / "rm-s0" / "run.json").is_file()
     assert os.environ.get("DIALOGRL_REWARD_MODEL") is None  # set for that run only
     # The logs' author had the configured habit: it never verified anyone.
