@@ -22,13 +22,13 @@ SCRIPTED_REFERENCES = ("expert", "historical")
 """Scripted policies the job evaluates beside the trained methods (each can be the ``baseline``)."""
 LEARNED_REWARD = "dialogrl.rewards.reward_model:from_env"
 """The reward spec ``ppo-rm`` trains on: the reward model(s) named by $DIALOGRL_REWARD_MODEL, nothing else."""
-LEARNED_REWARD_PPO = ("kl_coef=1.0", "kl_estimator=k3")
+LEARNED_REWARD_PPO = ("kl_coef=1.0",)
 """``ppo-rm``'s PPO settings (``ppo:`` overrides still win). The learned reward pays about 2 per reply (returns
 around 8 per episode) against the rule reward's 0.3-0.6 per episode, so PPO's default KL coefficient 0.05 is twenty
 times weaker against it: with 0.05, ppo-rm drifted to 5 nats per reply from SFT and gamed the reward model
-(held-out success 0.187 over 3 seeds; with 1.0, 0.590). At 1.0 the k1 estimate's negative per-token values (a
-bonus for tokens the reference prefers) let one habit-logs seed collapse (entropy 0.06 -> 2.7, held-out 0.26);
-the non-negative k3 estimate did not (0.58)."""
+(held-out success 0.187 over 3 seeds on the default logs); with 1.0, 0.590. At 1.0 one habit-logs seed of three
+still collapsed (entropy 0.06 -> 2.7); ``kl_estimator=k3`` (never negative) kept all three (0.600 against 0.497)
+but drifted further on the default logs (0.543, KL 3.2 nats per reply): see the README."""
 
 
 @dataclass

@@ -57,7 +57,7 @@ def test_quickstart_runs_every_stage_and_reports_every_method(tmp_path: Path,
     # ppo-rm trained on the learned reward alone; its evaluation still judges true success from the database.
     run = json.loads((out / "ppo-rm-s0" / "run.json").read_text())
     assert run["config"]["rewards"] == ["dialogrl.rewards.reward_model:from_env"] and run["method"] == "ppo-rm"
-    assert (run["config"]["kl_coef"], run["config"]["kl_estimator"]) == (1.0, "k3")  # scaled to the learned reward
+    assert (run["config"]["kl_coef"], run["config"]["kl_estimator"]) == (1.0, "k1")  # scaled to the learned reward
     ppo_config = json.loads((out / "ppo-s0" / "run.json").read_text())["config"]
     assert (ppo_config["kl_coef"], ppo_config["kl_estimator"]) == (0.05, "k1")
     assert Path(run["reward_model_dirs"]) == (out / "rm-s0").resolve() and (out / "rm-s0" / "run.json").is_file()
