@@ -242,6 +242,8 @@ def save_run(inner: PolicyWithValue, start_dir: Path, cfg: PPOConfig, state: dic
 
 RESUME_MAY_CHANGE = frozenset({"iterations", "checkpoint_every", "eval_episodes", "eval_seed", "method", "output_dir"})
 """PPOConfig fields a resumed run may set differently from the run that wrote the checkpoint."""
+ADDED_LATER = {"kl_estimator": "k1"}
+"""PPOConfig fields added after checkpoints were written, with the value those runs had."""
 RUN_FILES = frozenset({"base", "base.tmp", "checkpoint", "checkpoint.tmp", "checkpoint.old", "adapter", "value_head.pt",
                        "run.json", "config.yaml", "eval.json", "eval_sampled.json", "tensorboard"})
 """What a PPO run directory holds: anything else in ``output_dir`` means it is not one."""
@@ -268,7 +270,8 @@ def check_output(cfg: PPOConfig, out: Path) -> None:
         return
     now = comparable_config(cfg)
     for key in sorted(set(saved) | set(now)):
-        if key not in RESUME_MAY_CHANGE and saved.get(key) != now.get(key):
-            raise DialogRLError(f"output_dir {out} holds a checkpoint trained with {key}={json.dumps(saved.get(key))}, "
+        then = saved.get(key, ADDED_LATER.get(key))
+        if key not in RESUME_MAY_CHANGE and then != now.get(key):
+            raise DialogRLError(f"output_dir {out} holds a checkpoint trained with {key}={json.dumps(then)}, "
                                 f"not {json.dumps(now.get(key))}: resume with that run's settings, or choose another "
                                 "output_dir")

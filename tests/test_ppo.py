@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -243,6 +244,19 @@ def test_output_dir_is_new_or_a_ppo_run(tiny_model_dir: Path, tmp_path: Path, br
     with pytest.raises(DialogRLError, match="model"):
         train_ppo(_config(tmp_path / "no_such_model", out, brevity_reward, iterations=1))
     assert not out.exists()
+
+
+def test_a_checkpoint_from_before_a_field_existed_resumes(tmp_path: Path, brevity_reward: str) -> None:
+    from dialogrl.agents.ppo_model import check_output, comparable_config
+
+    cfg = _config(tmp_path / "model", tmp_path / "run", brevity_reward)
+    old = comparable_config(cfg)
+    del old["kl_estimator"]  # checkpoints written before the field: they used k1
+    (tmp_path / "run" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint" / "state.json").write_text(json.dumps({"config": old}))
+    check_output(cfg, tmp_path / "run")
+    with pytest.raises(DialogRLError, match='trained with kl_estimator="k1", not "k3"'):
+        check_output(replace(cfg, kl_estimator="k3"), tmp_path / "run")
 
 
 def test_torchrun_two_processes(tiny_model_dir: Path, tmp_path: Path, brevity_reward: str) -> None:
