@@ -239,8 +239,12 @@ def _train(config: SFTConfig, train_rows: list[dict], eval_rows: list[dict], tmp
     except (OSError, ValueError) as exc:
         raise DialogRLError(f"cannot load a tokenizer from {config.model}: {_first_line(exc)}") from None
     template = _training_template(tokenizer, config.model)
-    train_msgs, dropped_train = _fit_to_length(tokenizer, template, train_rows, config.max_length)
-    eval_msgs, dropped_eval = _fit_to_length(tokenizer, template, eval_rows, config.max_length)
+    # Conversations longer than the model's context are expected: TRL cuts them at max_length and
+    # _fit_to_length drops those left without an assistant token, counting both in run.json. Marked as given,
+    # the tokenizer's one-time "will result in indexing errors" warning (a false alarm here) stays quiet.
+    tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+    train_msgs, dropped_train, cut_train = _fit_to_length(tokenizer, template, train_rows, config.max_length)
+    eval_msgs, dropped_eval, cut_eval = _fit_to_length(tokenizer, template, eval_rows, config.max_length)
     if not train_msgs:
         raise DialogRLError(f"no training conversation has an assistant token within max_length={config.max_length}")
     validate = bool(eval_msgs)
@@ -313,6 +317,7 @@ def _train(config: SFTConfig, train_rows: list[dict], eval_rows: list[dict], tmp
         "train_conversations": len(train_msgs),
         "eval_conversations": len(eval_msgs),
         "dropped_no_assistant_within_max_length": dropped_train + dropped_eval,
+        "cut_at_max_length": cut_train + cut_eval,
     }
 
 
@@ -335,12 +340,15 @@ def _training_template(tokenizer: Any, model: str) -> str:
     return patched
 
 
-def _fit_to_length(tokenizer: Any, template: str, rows: list[dict], max_length: int) -> tuple[list[list[dict]], int]:
-    """Drop conversations with no assistant token in their first ``max_length`` tokens.
+def _fit_to_length(tokenizer: Any, template: str, rows: list[dict],
+                   max_length: int) -> tuple[list[list[dict]], int, int]:
+    """Drop conversations with no assistant token in their first ``max_length`` tokens; count the kept ones
+    longer than that (TRL trains on their first ``max_length`` tokens).
 
     TRL keeps the start of a long conversation; one cut before its first assistant turn would have no loss at all.
     """
     kept: list[list[dict]] = []
+    cut = 0
     for row in rows:
         encoded = tokenizer.apply_chat_template(
             row["messages"], chat_template=template, tokenize=True, return_dict=True,
@@ -348,7 +356,8 @@ def _fit_to_length(tokenizer: Any, template: str, rows: list[dict], max_length: 
         )
         if 1 in encoded["assistant_masks"][:max_length]:
             kept.append(row["messages"])
-    return kept, len(rows) - len(kept)
+            cut += len(encoded["input_ids"]) > max_length
+    return kept, len(rows) - len(kept), cut
 
 
 def _first_line(exc: BaseException) -> str:

@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import threading
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -354,8 +353,6 @@ def _quiet_libraries() -> None:
     Training bars (ours, the Trainer's) are tqdm's own and unaffected. Read when transformers is first imported
     (later, by the command), so nothing heavy is imported here; a value the user set wins."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    # peft asks transformers a deprecated question on every adapter load; the answer is right, the warning noise.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ another adapter), detected from the parameters' version counters.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -154,6 +157,26 @@ def build_batch(prompts: list[list[int]], reuse: list[tuple[int, CachedPrefix | 
                 values[row, :, cached - c:] = entry.layers[layer][1][:, :c]
         cache.update(keys, values, layer)
     return input_ids, attention, cache
+
+
+class _PaddedWidthAlarm(logging.Filter):
+    """Drops transformers' "generation call has exceeded the model's predefined maximum length" reminder."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "exceeded the model's predefined maximum length" not in record.getMessage()
+
+
+@contextmanager
+def padded_width_alarm_silenced() -> Iterator[None]:
+    """While ``generate`` runs a :func:`build_batch` layout. Its input width is the longest cached part plus the
+    longest new part, which can pass the model's context while every row (prompt budgeted to fit, with its own
+    positions) stays inside it; transformers compares the width, so its reminder is a false alarm here."""
+    logger, alarm = logging.getLogger("transformers.generation.stopping_criteria"), _PaddedWidthAlarm()
+    logger.addFilter(alarm)
+    try:
+        yield
+    finally:
+        logger.removeFilter(alarm)
 
 
 def split_cache(cache: Any, attention: Any, sequences: Any, reply_lengths: list[int], width: int) -> list[CachedPrefix]:

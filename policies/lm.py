@@ -13,7 +13,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from dialogrl.policies.kv_reuse import CachedPrefix, PrefixStore, build_batch, split_cache
+from dialogrl.policies.kv_reuse import (
+    CachedPrefix,
+    PrefixStore,
+    build_batch,
+    padded_width_alarm_silenced,
+    split_cache,
+)
 from dialogrl.types import DialogRLError, Message
 
 
@@ -263,8 +269,9 @@ class LMPolicy:
         config = GenerationConfig(max_new_tokens=s.max_new_tokens, do_sample=s.do_sample, eos_token_id=self.end_id,
                                   pad_token_id=self.pad_id, use_cache=True, return_dict_in_generate=True,
                                   output_logits=True, **sampling)
-        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                  generation_config=config, cache=cache)
+        with padded_width_alarm_silenced():
+            out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                      generation_config=config, cache=cache)
         new = out.sequences[:, width:].cpu()
         # Raw logits (not the top-p-filtered scores): log-probs under the temperature alone, as PPO recomputes them.
         logits = torch.stack(out.logits, dim=1).float().cpu() / s.temperature

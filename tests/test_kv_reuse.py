@@ -132,3 +132,52 @@ def test_switching_the_adapter_off_drops_the_cache(tiny_model_dir: Path, make_co
     with p.model.disable_adapter():  # the reference policy: no parameter changes, other outputs
         p._prefixes.sync(p.model)
         assert not p._prefixes.entries
+
+
+def test_padded_width_past_the_context_raises_no_false_alarm(policy: LMPolicy,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch of a long cached conversation and one with a long new turn is wider than the model's context,
+    while each row fits: transformers' "exceeded the maximum length" reminder would be a false alarm."""
+    import logging
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from dialogrl.policies import lm
+
+    widths: list[int] = []
+    build_batch = lm.build_batch
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        batch = build_batch(*args, **kwargs)
+        widths.append(batch[0].shape[1])
+        return batch
+
+    monkeypatch.setattr(lm, "build_batch", recording)
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("transformers.generation.stopping_criteria")
+    logger.addHandler(handler)
+    hf_logging.warning_once.cache_clear()  # an earlier test may have used up the one-time warning
+    fresh = policy.with_settings()
+    try:
+        long_talk = [{"role": "user", "content": "where is my order " * 27}]
+        short_talk = [{"role": "user", "content": "hi"}]
+        first = fresh.generate([long_talk, short_talk])
+        convs = [long_talk + [{"role": "assistant", "content": first[0].text}, {"role": "user", "content": "ok"}],
+                 short_talk + [{"role": "assistant", "content": first[1].text},
+                               {"role": "user", "content": "my phone is 415 555 0100 " * 10}]]
+        second = fresh.generate(convs)
+        # The layout under test: the second call resumed both rows and was wider than the context.
+        assert widths[-1] > policy.context and all(not g.truncated_prompt for g in first + second)
+        assert max(len(g.prompt_ids) + len(g.response_ids) for g in second) <= policy.context
+        # The alarm reaches handlers outside generate (the filter is scoped), and not from it.
+        assert not [m for m in seen if "predefined maximum length" in m]
+        hf_logging.warning_once.cache_clear()
+        from transformers.generation.stopping_criteria import MaxLengthCriteria
+
+        MaxLengthCriteria(10_000, max_position_embeddings=4)(torch.zeros((1, 8), dtype=torch.long), None)
+        assert [m for m in seen if "predefined maximum length" in m]
+    finally:
+        logger.removeHandler(handler)

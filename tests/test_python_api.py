@@ -38,3 +38,21 @@ def test_the_from_python_example_runs(tiny_model_dir: Path, tmp_path: Path, monk
     assert len(ppo_run["history"]) == 2
     for run in ("sft", "ppo"):  # labelled from the policy's generation settings, not as a scripted agent
         assert json.loads((out / run / "eval.json").read_text())["decoding"] == "greedy"
+
+
+@pytest.mark.parametrize("import_dialogrl", [True, False])
+def test_importing_dialogrl_silences_a_deprecation_among_its_dependencies(tiny_model_dir: Path,
+                                                                          import_dialogrl: bool) -> None:
+    """peft and TRL ask transformers the deprecated ``is_gradient_checkpointing`` on every adapter load and trainer
+    start; a user's script that imports dialogrl does not see that FutureWarning (a fresh interpreter: pytest
+    resets warning filters around collection, so only a new process shows what a script gets)."""
+    import subprocess
+    import sys
+
+    script = ("import warnings; warnings.simplefilter('always')\n"
+              + ("import dialogrl\n" if import_dialogrl else "")
+              + "from transformers import AutoModelForCausalLM\n"
+              + f"AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r}).is_gradient_checkpointing\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert ("is_gradient_checkpointing" in done.stderr) is not import_dialogrl  # shown without dialogrl: a real test

@@ -100,6 +100,32 @@ def test_train_reload_and_generate(model_dir: Path, tmp_path: Path) -> None:
     assert generated[0, prompt["input_ids"].shape[1]] == tuned[0, -1].argmax()
 
 
+def test_long_conversations_are_cut_and_counted_without_a_false_alarm(model_dir: Path, tmp_path: Path) -> None:
+    """Longer than the context: kept (TRL trains on their start) and counted, or dropped when no assistant token
+    is left; the tokenizer's "will result in indexing errors" warning does not fire for them."""
+    import logging
+
+    long_tail, long_start = conversation(1, True), conversation(2, True)
+    long_tail["messages"].append({"role": "user", "content": "thanks again for all of it " * 60})
+    long_start["messages"][1]["content"] = "hello there, I have a question " * 60
+    rows = [conversation(i, True) for i in range(4)] + [long_tail, long_tail, long_start]
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("transformers.tokenization_utils_base")
+    logger.addHandler(handler)
+    try:
+        out = train_sft(SFTConfig(model=str(model_dir), train_file=str(write_jsonl(tmp_path / "l.jsonl", rows)),
+                                  output_dir=str(tmp_path / "sft"), eval_fraction=0, max_steps=1,
+                                  per_device_train_batch_size=2, max_length=128))
+    finally:
+        logger.removeHandler(handler)
+    metrics = json.loads((out / "run.json").read_text())["metrics"]
+    assert metrics["dropped_no_assistant_within_max_length"] == 1 and metrics["cut_at_max_length"] == 2
+    assert metrics["train_conversations"] == 6
+    assert not [m for m in seen if "maximum sequence length" in m]
+
+
 def test_the_best_checkpoint_is_saved_not_the_last(model_dir: Path, tmp_path: Path) -> None:
     # A learning rate far too high makes the validation loss bounce, so the last evaluation is not the best.
     data = write_jsonl(tmp_path / "logs.jsonl", [conversation(i, True) for i in range(16)])
