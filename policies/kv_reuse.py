@@ -170,7 +170,8 @@ class _PaddedWidthAlarm(logging.Filter):
 def padded_width_alarm_silenced() -> Iterator[None]:
     """While ``generate`` runs a :func:`build_batch` layout. Its input width is the longest cached part plus the
     longest new part, which can pass the model's context while every row (prompt budgeted to fit, with its own
-    positions) stays inside it; transformers compares the width, so its reminder is a false alarm here."""
+    positions) stays inside it; transformers compares the width, so its reminder is a false alarm here. (It is a
+    once-per-process warning: one dropped here does not show later for the caller's own ``generate`` either.)"""
     logger, alarm = logging.getLogger("transformers.generation.stopping_criteria"), _PaddedWidthAlarm()
     logger.addFilter(alarm)
     try:
