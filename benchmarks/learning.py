@@ -18,6 +18,8 @@ transfers to true success (judged from the database, as for every method).
         --out benchmarks/results/learning_habits.json  # logs whose author has a habit, not just slips
     python benchmarks/learning.py --base steps=4000 corpus_episodes=60000 --methods sft,sft-filtered,ppo,dpo,sft-expert \
         --work runs/learning-base4k --out benchmarks/results/learning_base4k.json  # a base pre-trained twice as long
+    python benchmarks/learning.py --base n_embd=192 --methods sft,sft-filtered,ppo,dpo,sft-expert \
+        --work runs/exp/base-wide --out benchmarks/results/learning_wide.json  # a wider base (2.6M parameters)
 
 Writes benchmarks/results/learning.json (and the full report under --work, with ``report_vs_filtered/`` and
 ``report_vs_expert_logs/``: every method against filtered SFT and against SFT on the expert's logs). A rerun on
