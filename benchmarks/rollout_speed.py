@@ -12,6 +12,8 @@ conversation at a time.
   the new prompt text of every turn (customer and tool messages; ``prompt_tokens_per_generated_token``), and
   encoding batches far less well than decoding. Seconds per generated token at batch 1 and at the batch size,
   each = 1 / decoding tokens/s + prompt tokens per generated token / encoding tokens/s, both measured here.
+- ``decode_row_utilization``: the share of the batched rollout's decoding row-steps that yield a reply token.
+  ``generate`` decodes every row until the longest reply of its batch ends, so rows whose reply is done wait.
 """
 
 from __future__ import annotations
@@ -95,6 +97,15 @@ def encode_tps(policy: LMPolicy, batch: int, context: int, new_tokens: int, repe
     return batch * new_tokens / sorted(times)[len(times) // 2]
 
 
+def decode_row_utilization(samples: list) -> float:
+    """Reply tokens over the rows x decoding steps spent on them, when one ``generate`` call answers one turn of
+    every live conversation (as in the batched run: its episodes start together) and runs to its longest reply."""
+    lengths: dict[int, list[int]] = defaultdict(list)
+    for s in samples:
+        lengths[s.turn].append(len(s.response_ids))
+    return sum(map(sum, lengths.values())) / sum(max(v) * len(v) for v in lengths.values())
+
+
 def new_prompt_tokens(samples: list) -> int:
     """Prompt tokens a turn adds to what the conversation's cache already holds (its previous prompt + reply)."""
     total, before = 0, {}
@@ -161,14 +172,14 @@ def main() -> None:
         "decode_ceiling_batched_vs_sequential": step_many / step_one,
         "prompt_tokens_per_generated_token": prompt_ratio, "new_prompt_tokens_per_turn": per_turn,
         "encode_tokens_per_sec": {"1": enc_one, str(args.batch): enc_many},
-        "ideal_batched_vs_sequential": ideal,
+        "ideal_batched_vs_sequential": ideal, "decode_row_utilization": decode_row_utilization(many.samples),
         "python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
     }
     result["met"] = result["rollout_vs_raw"] >= 0.9 and result["batched_vs_sequential"] >= 5.0
     write_json(result, Path(args.out))
     for key in ("rollout_tokens_per_sec", "raw_generate_tokens_per_sec", "rollout_vs_raw", "sequential_tokens_per_sec",
                 "batched_tokens_per_sec", "batched_vs_sequential", "decode_ceiling_batched_vs_sequential",
-                "prompt_tokens_per_generated_token", "ideal_batched_vs_sequential", "met"):
+                "prompt_tokens_per_generated_token", "ideal_batched_vs_sequential", "decode_row_utilization", "met"):
         print(f"{key:30s} {result[key]}")
 
 
