@@ -77,7 +77,7 @@ class BootstrapConfig:
     dropout: float = 0.0
     """Attention dropout (0: a few hundred steps on a small corpus do not overfit)."""
     steps: int = 2000
-    """Optimizer steps (default: ~8M tokens, one pass over the default corpus, ~10 min on 2 cores). Copying ids
+    """Optimizer steps (default: ~8M tokens, one pass over the default corpus, 8-10 min on 2 cores). Copying ids
     from the context appears abruptly, between steps 600 and 1,000 in different builds here; at 300 it had not."""
     batch_size: int = 8
     """Sequences per step."""
