@@ -1,7 +1,9 @@
 """The main job: base model -> historical logs -> SFT -> filtered SFT -> PPO, DPO -> held-out evaluation -> report.
 
 Each step writes its output atomically and is skipped when the output already exists, so an interrupted
-quickstart picks up where it stopped. Heavy libraries are imported inside the steps.
+quickstart picks up where it stopped. Heavy libraries are imported inside the steps, and each step that trains
+or loads a model runs in a process of its own (``isolate_steps``), so the job's memory is one step's, not the
+sum of what every earlier step left behind.
 """
 
 from __future__ import annotations
@@ -9,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from unittest.mock import patch
 
 from dialogrl.rewards.reward_model import ENV_PATHS
@@ -68,6 +71,11 @@ class QuickstartConfig:
     """Method every other one is compared with."""
     scripted_only: bool = False
     """Only evaluate the scripted policies (random, historical, expert) and compare them (no training)."""
+    isolate_steps: bool = True
+    """Run the base build, each training run with its evaluation, and the up-front settings check each in a
+    fresh process (results are the same; about 4 s of imports per step). Memory freed by one step is then
+    returned to the system before the next: in one process, PPO after both SFT runs peaked 0.57 GB higher than
+    PPO alone. ``false``: everything in this process (faster to debug)."""
 
 
 def _step(name: str) -> float:
@@ -76,10 +84,7 @@ def _step(name: str) -> float:
 
 
 def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
-    from dialogrl.agents.dpo import DPOConfig, train_dpo
-    from dialogrl.agents.ppo import PPOConfig, evaluate_run, train_ppo
-    from dialogrl.agents.sft import SFTConfig, train_sft
-    from dialogrl.config import check_at_least, load_config
+    from dialogrl.config import check_at_least
     from dialogrl.data import write_logs
     from dialogrl.evaluation import (
         evaluate,
@@ -89,8 +94,6 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         text_policy_act,
         write_json,
     )
-    from dialogrl.policies.bootstrap import BootstrapConfig, cached_base_model, cached_base_path
-    from dialogrl.policies.corpus import CORPUS_VERSION, domain_corpus
     from dialogrl.policies.scripted import make_scripted
     from dialogrl.report import compare, format_table
 
@@ -107,19 +110,14 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         if rl in cfg.methods and cfg.methods.index(rl) < (cfg.methods + ["sft"]).index("sft"):
             raise DialogRLError(f"{rl} starts from the sft run: put 'sft' before '{rl}' in methods")
     make_scripted("historical", errors=cfg.log_errors)  # bad rates fail before anything is written
-    base_cfg = load_config(BootstrapConfig, None, [f"{k}={json.dumps(v)}" for k, v in cfg.base.items()])
-    from dialogrl.agents.reward_model_train import RewardModelConfig
-
-    for config_cls, step_overrides in ((SFTConfig, cfg.sft), (PPOConfig, cfg.ppo), (DPOConfig, cfg.dpo),
-                                       (RewardModelConfig, cfg.reward_model)):
-        load_config(config_cls, None, step_overrides)  # a typo fails now, not after the base model and SFT
+    _in_own_process(cfg.isolate_steps, _check_step_settings, cfg)  # a typo fails now, not after the base and SFT
     out = Path(cfg.out)
     _check_same_job(cfg, out)
     # Seconds and peak memory of the run that produced each step's output: a resumed job keeps the numbers
     # of the steps it skipped.
     before = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
     timings: dict[str, float] = {}
-    peak_rss_mb: dict[str, float] = {}  # the process's peak resident memory so far, after each step
+    peak_rss_mb: dict[str, float] = {}  # the job's peak resident memory so far, after each step (_peak_rss_mb)
     # Steps whose outputs were already there when this folder first timed them (copied in, or from before
     # timings were kept): their cost is unknown, so they are listed instead of timed as zero.
     untimed: list[str] = [step for step in before.get("untimed", []) if step not in before]
@@ -148,9 +146,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     started = time.perf_counter()
 
     t = _step("base model (built once, then cached)")
-    was_cached = (cached_base_path(base_cfg, corpus_version=CORPUS_VERSION) / "config.json").is_file()
-    base_dir = cached_base_model(base_cfg, lambda: domain_corpus(base_cfg.corpus_episodes, base_cfg.seed),
-                                 corpus_version=CORPUS_VERSION)
+    was_cached, base_dir = _in_own_process(cfg.isolate_steps, _base_model, cfg.base)
     print(f"base model: {base_dir}")
     done("base", t, skipped=was_cached)  # a cached base keeps the seconds its build took here, if it was built here
 
@@ -177,31 +173,9 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
             evaluated = [run_dir / "eval.json", run_dir / "eval_sampled.json"]
             # A trained run keeps its recorded seconds; re-doing a missing evaluation (seconds) is not counted.
             existed = (run_dir / "run.json").exists()
-            if not existed:
-                if method.startswith("sft"):
-                    overrides = [f"model={base_dir}", f"seed={seed}",
-                                 f"train_file={expert_logs if method == 'sft-expert' else logs}",
-                                 f"output_dir={run_dir}", f"filter_success={method == 'sft-filtered'}",
-                                 f"method={method}", *cfg.sft]
-                    train_sft(load_config(SFTConfig, None, overrides))
-                elif method == "ppo":
-                    overrides = [f"init_adapter={out / f'sft-s{seed}'}", f"seed={seed}", f"output_dir={run_dir}",
-                                 "eval_episodes=0", *cfg.ppo]
-                    train_ppo(load_config(PPOConfig, None, overrides))
-                elif method == "ppo-rm":
-                    rm_dir = _reward_model(cfg, out / f"rm-s{seed}", base_dir, seed)
-                    overrides = [f"init_adapter={out / f'sft-s{seed}'}", f"seed={seed}", f"output_dir={run_dir}",
-                                 "eval_episodes=0", *LEARNED_REWARD_PPO, *cfg.ppo,
-                                 f"rewards={json.dumps([LEARNED_REWARD])}",
-                                 "method=ppo-rm"]
-                    with patch.dict(os.environ, {ENV_PATHS: str(rm_dir.resolve())}):  # restored after
-                        train_ppo(load_config(PPOConfig, None, overrides))
-                else:
-                    overrides = [f"init_adapter={out / f'sft-s{seed}'}", f"seed={seed}", f"output_dir={run_dir}",
-                                 "eval_episodes=0", *cfg.dpo]
-                    train_dpo(load_config(DPOConfig, None, overrides))
-            if not all(path.exists() for path in evaluated):
-                evaluate_run(run_dir, cfg.eval_episodes, cfg.eval_seed, method=method, training_seed=seed)
+            if not existed or not all(path.exists() for path in evaluated):
+                _in_own_process(cfg.isolate_steps, _train_and_evaluate, cfg, method, seed, base_dir, logs,
+                                expert_logs)
             evals += evaluated
             done(f"{method}-s{seed}", t, skipped=existed)
 
@@ -254,11 +228,93 @@ def _check_same_job(cfg: QuickstartConfig, out: Path) -> None:
 
 
 def _peak_rss_mb() -> float:
+    """Peak resident memory of this process plus that of its largest finished step process: an upper bound on
+    the job's, since the two overlap only while this one waits (and share the pages of common libraries)."""
     import resource
     import sys
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+    peak = sum(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # KiB on Linux, bytes on macOS
+
+
+Result = TypeVar("Result")
+
+
+def _in_own_process(isolate: bool, step: Callable[..., Result], *args: Any) -> Result:
+    """``step(*args)``, in a fresh interpreter when ``isolate``: its exceptions (a DialogRLError too) re-raise here."""
+    if not isolate:
+        return step(*args)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: a forked child would inherit this process's memory and threads.
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(step, *args).result()
+
+
+def _check_step_settings(cfg: QuickstartConfig) -> None:
+    """Every step's overrides parse against its config class (imports torch, hence a step of its own)."""
+    from dialogrl.agents.dpo import DPOConfig
+    from dialogrl.agents.ppo import PPOConfig
+    from dialogrl.agents.reward_model_train import RewardModelConfig
+    from dialogrl.agents.sft import SFTConfig
+    from dialogrl.config import load_config
+    from dialogrl.policies.bootstrap import BootstrapConfig
+
+    load_config(BootstrapConfig, None, [f"{k}={json.dumps(v)}" for k, v in cfg.base.items()])
+    for config_cls, step_overrides in ((SFTConfig, cfg.sft), (PPOConfig, cfg.ppo), (DPOConfig, cfg.dpo),
+                                       (RewardModelConfig, cfg.reward_model)):
+        load_config(config_cls, None, step_overrides)
+
+
+def _base_model(base: dict[str, Any]) -> tuple[bool, Path]:
+    """Whether the base model was cached already, and its folder (built now if it was not)."""
+    from dialogrl.config import load_config
+    from dialogrl.policies.bootstrap import BootstrapConfig, cached_base_model, cached_base_path
+    from dialogrl.policies.corpus import CORPUS_VERSION, domain_corpus
+
+    base_cfg = load_config(BootstrapConfig, None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
+    was_cached = (cached_base_path(base_cfg, corpus_version=CORPUS_VERSION) / "config.json").is_file()
+    base_dir = cached_base_model(base_cfg, lambda: domain_corpus(base_cfg.corpus_episodes, base_cfg.seed),
+                                 corpus_version=CORPUS_VERSION)
+    return was_cached, base_dir
+
+
+def _train_and_evaluate(cfg: QuickstartConfig, method: str, seed: int, base_dir: Path, logs: Path,
+                        expert_logs: Path) -> None:
+    """Train ``method``'s seed into ``<out>/<method>-s<seed>`` unless it is there, then evaluate what is missing."""
+    from dialogrl.agents.dpo import DPOConfig, train_dpo
+    from dialogrl.agents.ppo import PPOConfig, evaluate_run, train_ppo
+    from dialogrl.agents.sft import SFTConfig, train_sft
+    from dialogrl.config import load_config
+
+    out = Path(cfg.out)
+    run_dir = out / f"{method}-s{seed}"
+    if not (run_dir / "run.json").exists():
+        if method.startswith("sft"):
+            overrides = [f"model={base_dir}", f"seed={seed}",
+                         f"train_file={expert_logs if method == 'sft-expert' else logs}",
+                         f"output_dir={run_dir}", f"filter_success={method == 'sft-filtered'}",
+                         f"method={method}", *cfg.sft]
+            train_sft(load_config(SFTConfig, None, overrides))
+        elif method == "ppo":
+            overrides = [f"init_adapter={out / f'sft-s{seed}'}", f"seed={seed}", f"output_dir={run_dir}",
+                         "eval_episodes=0", *cfg.ppo]
+            train_ppo(load_config(PPOConfig, None, overrides))
+        elif method == "ppo-rm":
+            rm_dir = _reward_model(cfg, out / f"rm-s{seed}", base_dir, seed)
+            overrides = [f"init_adapter={out / f'sft-s{seed}'}", f"seed={seed}", f"output_dir={run_dir}",
+                         "eval_episodes=0", *LEARNED_REWARD_PPO, *cfg.ppo,
+                         f"rewards={json.dumps([LEARNED_REWARD])}",
+                         "method=ppo-rm"]
+            with patch.dict(os.environ, {ENV_PATHS: str(rm_dir.resolve())}):  # restored after
+                train_ppo(load_config(PPOConfig, None, overrides))
+        else:
+            overrides = [f"init_adapter={out / f'sft-s{seed}'}", f"seed={seed}", f"output_dir={run_dir}",
+                         "eval_episodes=0", *cfg.dpo]
+            train_dpo(load_config(DPOConfig, None, overrides))
+    if not all((run_dir / name).exists() for name in ("eval.json", "eval_sampled.json")):
+        evaluate_run(run_dir, cfg.eval_episodes, cfg.eval_seed, method=method, training_seed=seed)
 
 
 def _reward_model(cfg: QuickstartConfig, rm_dir: Path, base_dir: Path, seed: int) -> Path:

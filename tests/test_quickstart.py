@@ -159,7 +159,7 @@ def test_a_job_killed_half_way_keeps_the_seconds_of_the_steps_it_finished(
     from dialogrl.quickstart import run_quickstart
 
     monkeypatch.setenv("DIALOGRL_CACHE", str(tmp_path / "cache"))
-    cfg = _tiny_job(tmp_path, methods=["sft", "ppo"])
+    cfg = _tiny_job(tmp_path, methods=["sft", "ppo"], isolate_steps=False)  # so the patched PPO is the one run
     real_train_ppo = ppo.train_ppo
 
     def killed(*args: object, **kwargs: object) -> None:
@@ -178,3 +178,10 @@ def test_a_job_killed_half_way_keeps_the_seconds_of_the_steps_it_finished(
     resumed = json.loads((Path(cfg.out) / "timings.json").read_text())
     assert resumed["sft-s0"] == timings["sft-s0"] and resumed["ppo-s0"] > 0 and resumed["untimed"] == []
     assert len(resumed["invocations"]) == 2
+
+    # The same job with every step in a process of its own gives the same conversations.
+    isolated = _tiny_job(tmp_path, methods=["sft", "ppo"], out=str(tmp_path / "isolated"))
+    run_quickstart(isolated)
+    for run in ("sft-s0/eval.json", "ppo-s0/eval.json", "ppo-s0/eval_sampled.json"):
+        records = [json.loads((Path(job.out) / run).read_text())["records"] for job in (cfg, isolated)]
+        assert records[0] == records[1], run
