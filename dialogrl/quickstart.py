@@ -211,6 +211,8 @@ TIMING_META = ("total", "peak_rss_mb", "invocations", "untimed")
 
 RESUMABLE = ("seeds", "methods", "baseline", "out")
 """Settings a rerun in the same folder may change: every other one shaped outputs that are reused."""
+SETTINGS_BEFORE_THEY_EXISTED = {"isolate_steps": False}
+"""What a folder whose ``quickstart.json`` predates a setting ran with."""
 
 
 def _check_same_job(cfg: QuickstartConfig, out: Path) -> None:
@@ -221,7 +223,7 @@ def _check_same_job(cfg: QuickstartConfig, out: Path) -> None:
     settings = {k: v for k, v in config_to_dict(cfg).items() if k not in RESUMABLE}
     path = out / "quickstart.json"
     if path.exists():
-        before = json.loads(path.read_text(encoding="utf-8"))
+        before = {**SETTINGS_BEFORE_THEY_EXISTED, **json.loads(path.read_text(encoding="utf-8"))}
         for key, value in settings.items():
             if before.get(key) != value:
                 raise DialogRLError(f"{out} holds a quickstart run with {key}={json.dumps(before.get(key))}, not "

@@ -190,3 +190,17 @@ def test_a_job_killed_half_way_keeps_the_seconds_of_the_steps_it_finished(
     assert json.loads((Path(isolated.out) / "ppo-s0" / "eval_sampled.json").read_text())["records"] == first
     timings = json.loads((Path(isolated.out) / "timings.json").read_text())
     assert timings["peak_rss_mb"]["ppo-s0"] >= timings["peak_rss_mb"]["sft-s0"] > 0
+
+
+def test_a_folder_from_before_isolated_steps_is_not_resumed_with_them(tmp_path: Path) -> None:
+    from dialogrl.config import config_to_dict
+    from dialogrl.quickstart import RESUMABLE, _check_same_job
+
+    cfg = _tiny_job(tmp_path)
+    settings = {k: v for k, v in config_to_dict(cfg).items() if k not in RESUMABLE and k != "isolate_steps"}
+    (tmp_path / "qs").mkdir()
+    (tmp_path / "qs" / "quickstart.json").write_text(json.dumps(settings))  # written before the setting existed
+    with pytest.raises(DialogRLError, match=r"holds a quickstart run with isolate_steps=false, not true"):
+        _check_same_job(cfg, tmp_path / "qs")
+    cfg.isolate_steps = False
+    _check_same_job(cfg, tmp_path / "qs")  # the same job, resumed as it ran
