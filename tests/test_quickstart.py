@@ -142,7 +142,7 @@ def test_a_scripted_reference_can_be_the_baseline(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(quickstart, "_check_same_job", stop)  # the first step after the up-front checks
     for baseline in ("expert", "historical", "dpo"):
         with pytest.raises(DialogRLError, match="validation passed"):
-            quickstart.run_quickstart(_tiny_job(tmp_path, baseline=baseline))
+            quickstart.run_quickstart(_tiny_job(tmp_path, baseline=baseline, isolate_steps=False))
 
 
 def test_rl_methods_need_sft_first(tmp_path: Path) -> None:
