@@ -253,6 +253,7 @@ Result = TypeVar("Result")
 
 
 def _measured(step: Callable[..., Result], *args: Any) -> tuple[Result, float]:
+    """What runs in a step's process: the step's result and the process's peak memory."""
     return step(*args), _own_peak_mb()
 
 
