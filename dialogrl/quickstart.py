@@ -291,21 +291,27 @@ def _check_step_settings(cfg: QuickstartConfig) -> None:
     from dialogrl.agents.reward_model_train import RewardModelConfig
     from dialogrl.agents.sft import SFTConfig
     from dialogrl.config import load_config
-    from dialogrl.policies.bootstrap import BootstrapConfig
 
-    load_config(BootstrapConfig, None, [f"{k}={json.dumps(v)}" for k, v in cfg.base.items()])
+    _base_config(cfg.base)
     for config_cls, step_overrides in ((SFTConfig, cfg.sft), (PPOConfig, cfg.ppo), (DPOConfig, cfg.dpo),
                                        (RewardModelConfig, cfg.reward_model)):
         load_config(config_cls, None, step_overrides)
 
 
+def _base_config(base: dict[str, Any]) -> Any:
+    """The BootstrapConfig the ``base:`` overrides describe (an unknown key or bad value fails here)."""
+    from dialogrl.config import load_config
+    from dialogrl.policies.bootstrap import BootstrapConfig
+
+    return load_config(BootstrapConfig, None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
+
+
 def _base_model(base: dict[str, Any]) -> tuple[bool, Path]:
     """Whether the base model was cached already, and its folder (built now if it was not)."""
-    from dialogrl.config import load_config
-    from dialogrl.policies.bootstrap import BootstrapConfig, cached_base_model, cached_base_path
+    from dialogrl.policies.bootstrap import cached_base_model, cached_base_path
     from dialogrl.policies.corpus import CORPUS_VERSION, domain_corpus
 
-    base_cfg = load_config(BootstrapConfig, None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
+    base_cfg = _base_config(base)
     was_cached = (cached_base_path(base_cfg, corpus_version=CORPUS_VERSION) / "config.json").is_file()
     base_dir = cached_base_model(base_cfg, lambda: domain_corpus(base_cfg.corpus_episodes, base_cfg.seed),
                                  corpus_version=CORPUS_VERSION)
