@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from unittest.mock import patch
 
 from dialogrl.rewards.reward_model import ENV_PATHS
+from dialogrl.step_process import StepRunner
 from dialogrl.types import DialogRLError
 
 METHODS = ("sft", "sft-filtered", "ppo", "dpo", "ppo-rm", "sft-expert")
@@ -112,7 +112,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         if rl in cfg.methods and cfg.methods.index(rl) < (cfg.methods + ["sft"]).index("sft"):
             raise DialogRLError(f"{rl} starts from the sft run: put 'sft' before '{rl}' in methods")
     make_scripted("historical", errors=cfg.log_errors)  # bad rates fail before anything is written
-    run_step = _StepRunner(cfg.isolate_steps)
+    run_step = StepRunner(cfg.isolate_steps)
     run_step(_check_step_settings, cfg)  # a typo fails now, not after the base model and SFT
     out = Path(cfg.out)
     _check_same_job(cfg, out)
@@ -120,7 +120,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     # of the steps it skipped.
     before = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
     timings: dict[str, float] = {}
-    peak_rss_mb: dict[str, float] = {}  # the job's peak resident memory so far, after each step (_StepRunner.peak_mb)
+    peak_rss_mb: dict[str, float] = {}  # the job's peak resident memory so far, after each step (StepRunner.peak_mb)
     # Steps whose outputs were already there when this folder first timed them (copied in, or from before
     # timings were kept): their cost is unknown, so they are listed instead of timed as zero.
     untimed: list[str] = [step for step in before.get("untimed", []) if step not in before]
@@ -229,59 +229,6 @@ def _check_same_job(cfg: QuickstartConfig, out: Path) -> None:
                 raise DialogRLError(f"{out} holds a quickstart run with {key}={json.dumps(before.get(key))}, not "
                                     f"{json.dumps(value)}: pass another out=DIR or delete {out}")
     write_json(settings, path)  # a folder from before this file existed is adopted unchecked
-
-
-def _own_peak_mb() -> float:
-    """This process's peak resident memory so far."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
-
-
-def _own_rss_mb() -> float:
-    """This process's resident memory now (Linux); elsewhere its peak so far, an upper bound."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return _own_peak_mb()
-    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
-
-
-Result = TypeVar("Result")
-
-
-def _measured(step: Callable[..., Result], *args: Any) -> tuple[Result, float]:
-    """What runs in a step's process: the step's result and the process's peak memory."""
-    return step(*args), _own_peak_mb()
-
-
-class _StepRunner:
-    """Runs a step here, or in a fresh interpreter (its exceptions, a DialogRLError too, re-raise here), and
-    keeps the job's peak resident memory."""
-
-    def __init__(self, isolate: bool) -> None:
-        self.isolate = isolate
-        self.isolated_peak_mb = 0.0
-        """Largest (this process's memory while it waited + the step process's peak) of the isolated steps."""
-
-    def __call__(self, step: Callable[..., Result], *args: Any) -> Result:
-        if not self.isolate:
-            return step(*args)
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        waiting = _own_rss_mb()
-        # spawn, not fork: a forked child would start with this process's memory and threads.
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            result, peak = pool.submit(_measured, step, *args).result()
-        self.isolated_peak_mb = max(self.isolated_peak_mb, round(waiting + peak, 1))
-        return result
-
-    def peak_mb(self) -> float:
-        """The job's peak resident memory so far (the multiprocessing resource tracker's ~13 MB not counted)."""
-        return max(_own_peak_mb(), self.isolated_peak_mb)
 
 
 def _check_step_settings(cfg: QuickstartConfig) -> None:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -210,8 +214,48 @@ def _hold_memory(mib: int) -> int:
 
 
 def test_an_isolated_step_counts_its_own_memory_in_the_jobs_peak() -> None:
-    from dialogrl.quickstart import _StepRunner
+    from dialogrl.step_process import StepRunner
 
-    runner = _StepRunner(isolate=True)
+    runner = StepRunner(isolate=True)
     assert runner(_hold_memory, 300) == 300 * 2**20  # the result comes back from the step's process
     assert runner.peak_mb() >= runner.isolated_peak_mb >= 300  # 300 MiB held there, counted here
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_killed_job_takes_its_step_process_with_it(tmp_path: Path) -> None:
+    script = ("import time\nfrom dialogrl.step_process import StepRunner\n"
+              "if __name__ == '__main__':\n    StepRunner(isolate=True)(time.sleep, 120)\n")
+    (tmp_path / "job.py").write_text(script)
+    job = subprocess.Popen([sys.executable, str(tmp_path / "job.py")])
+    children: list[int] = []
+    deadline = time.time() + 60
+    while time.time() < deadline and not children:  # the step's process, once started (skipping the
+        time.sleep(0.2)  # multiprocessing resource tracker, which is not a step)
+        children = [pid for pid in _children(job.pid) if "resource_tracker" not in _cmdline(pid)]
+    assert children, "the step process never started"
+    job.send_signal(signal.SIGKILL)  # no chance for the job to stop its step
+    job.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(pid) for pid in children):
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in children), "the step outlived its job"
+
+
+def _children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()] if tasks.exists() else []
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; only its exit status waits for a reaper
