@@ -20,7 +20,7 @@ import json
 import shutil
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from dialogrl.agents.lora import check_lora_fields
+from dialogrl.agents.ppo_checkpoint import KEEP, KeptWeights, save_checkpoint
 from dialogrl.agents.ppo_model import (
     FORWARD_CHUNK,
     PolicyWithValue,
@@ -101,6 +102,20 @@ class PPOConfig(TrainingEnvConfig):
     """Gradient clipping norm."""
     checkpoint_every: int = 5
     """Save a resumable checkpoint every N iterations (and at the end)."""
+    keep: str = "average"
+    """The weights the run saves as its adapter (``checkpoint/`` always holds the last iterate, to train on from):
+    ``average``, the mean of the last ``average_last`` iterates' trainable weights (LoRA and value head; tail
+    averaging, which smooths PPO's iterate-to-iterate swings); ``last``; ``best``, of the start and the iterates
+    validated every ``validate_every`` iterations, the one with the highest greedy success on
+    ``validation_episodes`` train-split customers (ties: the earlier; the test split is never looked at)."""
+    average_last: int = 10
+    """Iterates averaged by ``keep: average`` (all of them when there are fewer)."""
+    validation_episodes: int = 128
+    """Train-split customers played by ``keep: best``."""
+    validate_every: int = 2
+    """Iterations between validations for ``keep: best`` (the last iteration is always validated)."""
+    validation_seed: int = 1_000_000
+    """Seed of the validation customers' draw (training draws use seed * 7919 + iteration: keep it apart)."""
     eval_episodes: int = 200
     """Held-out test-split episodes evaluated at the end (0: skip)."""
     eval_seed: int = 0
@@ -112,8 +127,9 @@ class PPOConfig(TrainingEnvConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_at_least(self, 1, "iterations", "episodes_per_iteration", "minibatch_episodes", "ppo_epochs",
-                       "max_new_tokens", "checkpoint_every")
-        check_at_least(self, 0, "eval_episodes")
+                       "max_new_tokens", "checkpoint_every", "validate_every", "average_last",
+                       "validation_episodes")
+        check_at_least(self, 0, "eval_episodes", "validation_seed")
         check_number(self, "temperature", "learning_rate", "max_grad_norm", above=0)
         check_number(self, "clip_range", "value_clip", "vf_coef", "kl_coef", "target_kl", at_least=0)
         check_number(self, "gamma", "lam", at_least=0, at_most=1)
@@ -122,6 +138,8 @@ class PPOConfig(TrainingEnvConfig):
             raise DialogRLError(f"kl_estimator={self.kl_estimator}: use one of {', '.join(KL_ESTIMATORS)}")
         if self.adaptive_kl:  # the controller divides by it
             check_number(self, "target_kl", above=0)
+        if self.keep not in KEEP:
+            raise DialogRLError(f"keep={self.keep}: use one of {', '.join(KEEP)}")
         if self.episodes_per_iteration % self.minibatch_episodes:
             raise DialogRLError(f"minibatch_episodes={self.minibatch_episodes}: must divide "
                                 f"episodes_per_iteration={self.episodes_per_iteration}")
@@ -262,14 +280,18 @@ def train_ppo(cfg: PPOConfig) -> Path:
         module, tokenizer = build_policy(cfg, start_dir, ckpt if (ckpt / "state.json").exists() else None)
         optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=cfg.learning_rate)
         state = {"iteration": 0, "kl_coef": cfg.kl_coef, "history": []}
-        if (ckpt / "state.json").exists():
+        resuming = (ckpt / "state.json").exists()
+        if resuming:
             state = json.loads((ckpt / "state.json").read_text())
             optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
             accelerator.print(f"resuming from {ckpt} at iteration {state['iteration']}")
+        kept = KeptWeights(cfg, state, ckpt if resuming else None)  # what the run saves: last, mean or best
         state["config"] = comparable_config(cfg)  # what a later resume must match
         module, optimizer = accelerator.prepare(module, optimizer)
         inner: PolicyWithValue = accelerator.unwrap_model(module)
         writer = _tensorboard(out) if accelerator.is_main_process else None
+
+        kept.start(inner, tokenizer, env_fn, accelerator)
 
         bar = tqdm(range(state["iteration"], cfg.iterations), disable=not accelerator.is_main_process,
                    initial=state["iteration"], total=cfg.iterations, desc="ppo")
@@ -300,6 +322,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
                 error = float(np.clip(data.kl / cfg.target_kl - 1, -0.2, 0.2))
                 state["kl_coef"] *= 1 + error
             row = _iteration_stats(it, batch, data, losses, state["kl_coef"], accelerator)
+            row.update(kept.after_iteration(it, inner, tokenizer, env_fn, accelerator))
             state["history"].append(row)
             state["iteration"] = it + 1
             bar.set_postfix(success=f"{row['success']:.2f}", ret=f"{row['return']:.2f}", kl=f"{row['kl']:.3f}")
@@ -308,9 +331,10 @@ def train_ppo(cfg: PPOConfig) -> Path:
                 for key, value in row.items():
                     writer.add_scalar(f"ppo/{key}", value, it)
             if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-                _save_checkpoint(inner, optimizer, state, ckpt, accelerator)
+                save_checkpoint(inner, optimizer, state, ckpt, accelerator, kept.snapshots)
         if writer is not None:
             writer.close()
+        kept.apply(inner)  # the run's adapter is the kept weights; the checkpoint keeps the last iterate
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             save_run(inner, start_dir, cfg, state, out, n_proc)
@@ -339,37 +363,12 @@ def _iteration_stats(it: int, batch: RolloutBatch, data: Prepared, losses: list[
     }
 
 
-def _save_checkpoint(inner: PolicyWithValue, optimizer: Any, state: dict[str, Any], ckpt: Path,
-                     accelerator: Any) -> None:
-    """Adapter, value head, optimizer and loop state, written to a temp dir then swapped in (kill-safe)."""
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        tmp = ckpt.with_name(ckpt.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        inner.policy.save_pretrained(tmp / "adapter")
-        torch.save(inner.value_head.state_dict(), tmp / "value_head.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps(state))
-        old = ckpt.with_name(ckpt.name + ".old")
-        if ckpt.exists():
-            ckpt.rename(old)
-        tmp.rename(ckpt)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
 def _tensorboard(out: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
         return None
     return SummaryWriter(str(out / "tensorboard"))
-
-
-def config_dict(cfg: PPOConfig) -> dict[str, Any]:
-    return asdict(cfg)
-
 
 
 def main_ppo(config_path: str | None, overrides: list[str]) -> Path:

@@ -223,7 +223,9 @@ def build_policy(cfg: PPOConfig, start_dir: Path, checkpoint: Path | None) -> tu
 def save_run(inner: PolicyWithValue, start_dir: Path, cfg: PPOConfig, state: dict[str, Any], out: Path,
              num_processes: int = 1) -> None:
     """``adapter/``, ``value_head.pt`` and ``run.json`` (whose ``base_model`` is the start weights and
-    ``num_processes`` the size of the data-parallel group that trained it).
+    ``num_processes`` the size of the data-parallel group that trained it). ``adapter/`` holds the weights
+    ``keep`` chose: ``averaged`` lists the iterations whose mean it is (0-based), or ``kept_iterate`` names the
+    validated iterate (by iterations done; ``validations`` has every validation's success).
 
     ``LMPolicy.from_run_dir`` and plain ``PeftModel.from_pretrained(AutoModelForCausalLM(base), adapter)`` load it.
     """
@@ -234,15 +236,19 @@ def save_run(inner: PolicyWithValue, start_dir: Path, cfg: PPOConfig, state: dic
     base_ref = "base" if start_dir.resolve() == (out / "base").resolve() else str(start_dir)
     run = {"method": cfg.method, "base_model": base_ref, "adapter": "adapter", "seed": cfg.seed,
            "config": dataclasses.asdict(cfg), "history": state["history"], "num_processes": num_processes,
+           "averaged": state.get("averaged", []), "validations": state.get("validations", []),
+           "kept_iterate": state.get("best"),
            "versions": package_versions()}
     if os.environ.get(ENV_PATHS) and any("reward_model" in str(r) for r in cfg.rewards or []):
         run["reward_model_dirs"] = os.environ[ENV_PATHS]  # what the learned-reward spec resolved to
     (out / "run.json").write_text(json.dumps(run, indent=1))
 
 
-RESUME_MAY_CHANGE = frozenset({"iterations", "checkpoint_every", "eval_episodes", "eval_seed", "method", "output_dir"})
+RESUME_MAY_CHANGE = frozenset({"iterations", "checkpoint_every", "eval_episodes", "eval_seed", "method", "output_dir",
+                               "keep", "average_last"})
 """PPOConfig fields a resumed run may set differently from the run that wrote the checkpoint."""
-ADDED_LATER = {"kl_estimator": "k1"}
+ADDED_LATER = {"kl_estimator": "k1", "keep": "last", "average_last": 10, "validation_episodes": 128, "validate_every": 2,
+               "validation_seed": 1_000_000}
 """PPOConfig fields added after checkpoints were written, with the value those runs had."""
 RUN_FILES = frozenset({"base", "base.tmp", "checkpoint", "checkpoint.tmp", "checkpoint.old", "adapter", "value_head.pt",
                        "run.json", "config.yaml", "eval.json", "eval_sampled.json", "tensorboard"})

@@ -90,6 +90,10 @@ def test_kl_estimators_are_unbiased_and_k3_never_negative() -> None:
     (["max_grad_norm=0"], "max_grad_norm=0.0"),
     (["gamma=1.5"], "gamma=1.5: must be a finite number in [0, 1]"),
     (["minibatch_episodes=5"], "minibatch_episodes=5: must divide episodes_per_iteration=64"),
+    (["keep=first"], "keep=first: use one of last, average, best"),
+    (["average_last=0"], "average_last=0: must be at least 1"),
+    (["validation_episodes=0"], "validation_episodes=0: must be at least 1"),
+    (["validate_every=0"], "validate_every=0: must be at least 1"),
 ])
 def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, overrides: list[str], needle: str) -> None:
     from dialogrl.agents.ppo import main_ppo
@@ -182,10 +186,12 @@ def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_ends(
         capsys: pytest.CaptureFixture[str]) -> None:
     import dialogrl.agents.ppo as ppo
 
-    straight = train_ppo(_config(tiny_model_dir, tmp_path / "straight", brevity_reward, iterations=4))
+    # With validation on, so that the kept iterate must survive the kill too.
+    straight = train_ppo(_config(tiny_model_dir, tmp_path / "straight", brevity_reward, iterations=4,
+                                 keep="best", validation_episodes=4))
 
     out = tmp_path / "killed"
-    cfg = _config(tiny_model_dir, out, brevity_reward, iterations=4)
+    cfg = _config(tiny_model_dir, out, brevity_reward, iterations=4, keep="best", validation_episodes=4)
     args = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in cfg.__dict__.items()
             if k != "lora_target_modules"]
     proc = subprocess.Popen([sys.executable, "-m", "dialogrl.cli", "ppo", *args],
@@ -203,7 +209,7 @@ def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_ends(
     reached = json.loads(state.read_text())["iteration"]
     assert 1 <= reached < cfg.iterations, reached  # killed after a checkpoint and before the end
     with pytest.raises(DialogRLError, match=r"checkpoint trained with learning_rate=0.002, not 0.5"):
-        train_ppo(_config(tiny_model_dir, out, brevity_reward, iterations=4, learning_rate=0.5))
+        train_ppo(replace(cfg, learning_rate=0.5))
     assert json.loads(state.read_text())["iteration"] == reached  # refused before touching the checkpoint
     # Training is seeded per iteration, so a run that ignored the checkpoint and started over would end in the
     # same place: count the iterations the resumed call plays (one rollout collection and one printed row each).
@@ -227,8 +233,9 @@ def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_ends(
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
-    hist_a = json.loads((straight / "run.json").read_text())["history"]
-    hist_b = json.loads((resumed / "run.json").read_text())["history"]
+    run_a, run_b = json.loads((straight / "run.json").read_text()), json.loads((resumed / "run.json").read_text())
+    assert run_a["validations"] == run_b["validations"] and run_a["kept_iterate"] == run_b["kept_iterate"]
+    hist_a, hist_b = run_a["history"], run_b["history"]
     assert [h["success"] for h in hist_a] == [h["success"] for h in hist_b]
     assert np.allclose([h["return"] for h in hist_a], [h["return"] for h in hist_b])
 
@@ -306,3 +313,71 @@ def test_one_forward_per_episode_matches_one_per_turn(tiny_model_dir: Path, tmp_
     grad_logp, _, _ = forward_samples(module, samples, 1.0, grad=True)
     assert all(torch.allclose(g.detach(), s, atol=1e-5) for g, s in zip(grad_logp, shared_logp, strict=True))
     assert shared_h > 0
+
+
+def test_validation_keeps_the_best_iterate_and_leaves_training_alone(
+        tiny_model_dir: Path, tmp_path: Path, brevity_reward: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dialogrl.agents.ppo_checkpoint as kept_weights
+
+    plain = train_ppo(_config(tiny_model_dir, tmp_path / "plain", brevity_reward, iterations=3, keep="last"))
+    validated = train_ppo(_config(tiny_model_dir, tmp_path / "validated", brevity_reward, iterations=3,
+                                  keep="best", validation_episodes=4, validate_every=1))
+    run = json.loads((validated / "run.json").read_text())
+    assert [v["iterations"] for v in run["validations"]] == [0, 1, 2, 3]  # the start, then every iteration
+    first_best = max(run["validations"], key=lambda v: v["success"])  # max() keeps the earliest of ties
+    assert run["kept_iterate"] == first_best
+    # Greedy validation games do not touch the training stream: same episodes, same last weights.
+    keys = ("success", "return", "kl", "reply_tokens")
+    plain_history = json.loads((plain / "run.json").read_text())["history"]
+    assert [[h[k] for k in keys] for h in run["history"]] == [[h[k] for k in keys] for h in plain_history]
+    last, unvalidated = _adapter_weights(validated / "checkpoint"), _adapter_weights(plain)
+    assert all(torch.allclose(last[k], unvalidated[k], atol=1e-6) for k in last)
+
+    # Scripted validation scores: the second (after one iteration) is best, a later tie does not replace it,
+    # and the run's adapter is then exactly what a one-iteration run ends with.
+    scores = iter([0.25, 0.75, 0.5, 0.75])
+    monkeypatch.setattr(kept_weights, "validation_success", lambda *args: next(scores))
+    kept = train_ppo(_config(tiny_model_dir, tmp_path / "kept", brevity_reward, iterations=3,
+                             keep="best", validation_episodes=4, validate_every=1))
+    assert json.loads((kept / "run.json").read_text())["kept_iterate"] == {"iterations": 1, "success": 0.75}
+    one = train_ppo(_config(tiny_model_dir, tmp_path / "one", brevity_reward, iterations=1, keep="last"))
+    a, b, c = _adapter_weights(kept), _adapter_weights(one), _adapter_weights(kept / "checkpoint")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)  # not the last iterate
+
+
+def test_average_last_keeps_the_mean_of_the_last_iterates(tiny_model_dir: Path, tmp_path: Path,
+                                                          brevity_reward: str) -> None:
+    two = _adapter_weights(train_ppo(_config(tiny_model_dir, tmp_path / "two", brevity_reward, iterations=2,
+                                             keep="last")))
+    three = _adapter_weights(train_ppo(_config(tiny_model_dir, tmp_path / "three", brevity_reward, iterations=3,
+                                               keep="last")))
+    out = tmp_path / "mean"
+    averaged = train_ppo(_config(tiny_model_dir, out, brevity_reward, iterations=3, keep="average", average_last=2))
+    mean, last = _adapter_weights(averaged), _adapter_weights(averaged / "checkpoint")
+    for key in mean:  # averaging does not change training: the iterates are the plain runs' ones
+        assert torch.allclose(last[key], three[key], atol=1e-6), key
+        assert torch.allclose(mean[key], (two[key] + three[key]) / 2, atol=1e-6), key
+    assert json.loads((averaged / "run.json").read_text())["averaged"] == [1, 2]
+    # Resuming with more iterations would average iterates outside the last two: refused, checkpoint untouched.
+    before = (out / "checkpoint" / "state.json").read_text()
+    with pytest.raises(DialogRLError, match=r"iterations=5 averages iterations \[\] so far, but this checkpoint "
+                                            r"summed \[1, 2\]"):
+        train_ppo(_config(tiny_model_dir, out, brevity_reward, iterations=5, keep="average", average_last=2))
+    assert (out / "checkpoint" / "state.json").read_text() == before
+    # A run that did not average yet may start to: the sum then holds exactly the iterates it names.
+    late = train_ppo(_config(tiny_model_dir, tmp_path / "late", brevity_reward, iterations=1, keep="last"))
+    with pytest.raises(DialogRLError, match="keep=best: this checkpoint was trained with keep=last"):
+        train_ppo(_config(tiny_model_dir, late, brevity_reward, iterations=3, keep="best"))
+    train_ppo(_config(tiny_model_dir, late, brevity_reward, iterations=3, keep="average", average_last=2))
+    late_mean = _adapter_weights(late)
+    assert all(torch.allclose(late_mean[key], mean[key], atol=1e-6) for key in mean)
+    # A resume adds to the sum its checkpoint holds: 2 iterations then 1 more = 3 straight, all averaged.
+    straight = _adapter_weights(train_ppo(_config(tiny_model_dir, tmp_path / "straight", brevity_reward,
+                                                  iterations=3, keep="average", average_last=3)))
+    resumed = train_ppo(_config(tiny_model_dir, tmp_path / "resumed", brevity_reward, iterations=2, keep="average",
+                                average_last=3))
+    resumed_mean = _adapter_weights(train_ppo(_config(tiny_model_dir, resumed, brevity_reward, iterations=3,
+                                                      keep="average", average_last=3)))
+    assert all(torch.allclose(resumed_mean[key], straight[key], atol=1e-6) for key in straight)
+    assert not all(torch.allclose(straight[key], mean[key], atol=1e-6) for key in mean)  # 3 iterates, not 2
