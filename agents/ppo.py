@@ -9,6 +9,7 @@ TRL removed its PPOTrainer in 1.13, so the loop is written here, top to bottom:
 4. Per token reward = -kl_coef * KL estimate (k1: logp - ref_logp), plus the env reward on the turn's last token.
    GAE runs over the episode's reply tokens, across turns, so credit reaches the turn that earned it.
 5. Clipped policy and value losses, minibatch epochs over episodes, gradient clipping.
+6. The run saves the weights ``keep`` names: by default the mean of the last 10 iterates (``agents.ppo_checkpoint``).
 
 Runs on one process or under ``torchrun --nproc_per_node 2`` (accelerate, gloo on CPU): each process plays
 its share of the episodes, advantages are whitened with global statistics, gradients are averaged.

@@ -153,7 +153,11 @@ def save_checkpoint(inner: PolicyWithValue, optimizer: Any, state: dict[str, Any
 
 
 def add_weights(total: dict[str, torch.Tensor] | None, inner: PolicyWithValue) -> dict[str, torch.Tensor]:
-    """``total`` plus the current trainable weights (float64, so the mean does not depend on summation order)."""
+    """``total`` plus the current trainable weights (float64, so the mean does not depend on summation order).
+
+    Hand-written: torch's ``swa_utils.AveragedModel`` keeps a copy of the whole model, frozen base included, and
+    PEFT's ``add_weighted_adapter`` combines saved adapters; here only the few trainable tensors change, and their
+    sum must go into the checkpoint."""
     current = {k: v.double() for k, v in trainable_weights(inner).items()}
     return current if total is None else {k: total[k] + current[k] for k in total}
 
