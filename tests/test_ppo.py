@@ -266,12 +266,13 @@ def test_a_checkpoint_from_before_a_field_existed_resumes(tmp_path: Path, brevit
         check_output(replace(cfg, kl_estimator="k3"), tmp_path / "run")
 
 
-def test_torchrun_two_processes(tiny_model_dir: Path, tmp_path: Path, brevity_reward: str) -> None:
+@pytest.mark.parametrize("keep", ["average", "best"])
+def test_torchrun_two_processes(tiny_model_dir: Path, tmp_path: Path, brevity_reward: str, keep: str) -> None:
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dialogrl.cli", "ppo",
            f"model={tiny_model_dir}", f"output_dir={out}", "iterations=2", "episodes_per_iteration=8",
            "minibatch_episodes=4", f"rewards=[{brevity_reward}]", "intents=[order_status]", "max_turns=2",
-           "max_new_tokens=16", "eval_episodes=0", "env_batch=8"]
+           "max_new_tokens=16", "eval_episodes=0", "env_batch=8", f"keep={keep}", "validation_episodes=5"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -281,6 +282,10 @@ def test_torchrun_two_processes(tiny_model_dir: Path, tmp_path: Path, brevity_re
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [row["iteration"] for row in rows] == [0, 1], result.stdout[-3000:]  # printed by the main process only
     assert (out / "adapter" / "adapter_config.json").exists()
+    if keep == "average":
+        assert run["averaged"] == [0, 1] and run["validations"] == []
+    else:  # 5 customers split 3 + 2 over the processes, their successes pooled (no deadlock on the odd one)
+        assert [v["iterations"] for v in run["validations"]] == [0, 2] and run["averaged"] == []
 
 
 def test_one_forward_per_episode_matches_one_per_turn(tiny_model_dir: Path, tmp_path: Path) -> None:
