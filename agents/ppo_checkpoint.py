@@ -50,7 +50,9 @@ class KeptWeights:
             for name in SNAPSHOTS}
         self.tail = cfg.iterations - cfg.average_last if cfg.keep == "average" else cfg.iterations
         """The first iteration (0-based) whose result is averaged."""
-        was = state["config"].get("keep", "last") if "config" in state else cfg.keep  # "config": a resume
+        from dialogrl.agents.ppo_model import ADDED_LATER
+
+        was = state["config"].get("keep", ADDED_LATER["keep"]) if "config" in state else cfg.keep  # "config": a resume
         if (was == "best") != (cfg.keep == "best"):  # a validation history cannot be made up or dropped midway
             raise DialogRLError(f"keep={cfg.keep}: this checkpoint was trained with keep={was}; resume with it, or "
                                 "choose another output_dir")
