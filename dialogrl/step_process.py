@@ -23,7 +23,7 @@ def _die_with_parent(parent_pid: int) -> None:
     import sys
 
     if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent_pid:  # the job died before the line above
             os._exit(1)
 
