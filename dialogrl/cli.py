@@ -355,5 +355,15 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+def console_main() -> int:
+    """The ``dialogrl`` command (and ``python -m dialogrl.cli``): :func:`main` in a process of its own, so the
+    rollout trainers may bound its heap (process-wide, which a program calling ``main()`` would not expect)."""
+    from dialogrl.step_process import limit_heap_growth
+
+    if sys.argv[1:2] in (["ppo"], ["dpo"]):
+        limit_heap_growth()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -17,7 +17,7 @@ from typing import Any
 from unittest.mock import patch
 
 from dialogrl.rewards.reward_model import ENV_PATHS
-from dialogrl.step_process import StepRunner
+from dialogrl.step_process import StepRunner, limit_heap_growth
 from dialogrl.types import DialogRLError
 
 METHODS = ("sft", "sft-filtered", "ppo", "dpo", "ppo-rm", "sft-expert")
@@ -276,6 +276,8 @@ def _train_and_evaluate(cfg: QuickstartConfig, method: str, seed: int, base_dir:
     out = Path(cfg.out)
     run_dir = out / f"{method}-s{seed}"
     if not (run_dir / "run.json").exists():
+        if cfg.isolate_steps and not method.startswith("sft"):  # this process is the step's own
+            limit_heap_growth()
         if method.startswith("sft"):
             overrides = [f"model={base_dir}", f"seed={seed}",
                          f"train_file={expert_logs if method == 'sft-expert' else logs}",

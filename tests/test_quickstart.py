@@ -221,6 +221,47 @@ def test_an_isolated_step_counts_its_own_memory_in_the_jobs_peak() -> None:
     assert runner.peak_mb() >= runner.isolated_peak_mb >= 300  # 300 MiB held there, counted here
 
 
+def _freed_mib_still_resident() -> float:
+    """Resident MiB left behind by freeing every other one of 60 blocks of 5 MiB (150 MiB freed): holes between
+    blocks still in use, which a heap cannot hand back."""
+    from dialogrl.step_process import own_rss_mb
+
+    warm = b"\x01" * (8 * 2**20)  # freeing an 8 MiB mapping lifts glibc's default threshold above 5 MiB
+    del warm
+    blocks = [b"\x01" * (5 * 2**20) for _ in range(60)]  # every page written, so resident
+    before = own_rss_mb()
+    del blocks[::2]
+    return 150 - (before - own_rss_mb())
+
+
+def _freed_mib_still_resident_bounded() -> float:
+    from dialogrl.step_process import limit_heap_growth
+
+    assert limit_heap_growth()
+    return _freed_mib_still_resident()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_a_bounded_heap_hands_freed_memory_back() -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    for task, check in ((_freed_mib_still_resident, lambda mib: mib > 120),  # glibc's default keeps it
+                        (_freed_mib_still_resident_bounded, lambda mib: mib < 30)):
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as process:
+            assert check(process.submit(task).result())
+
+
+def test_a_users_malloc_setting_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dialogrl.step_process import limit_heap_growth
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert not limit_heap_growth()
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")
+    assert not limit_heap_growth()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 def test_a_killed_job_takes_its_step_process_with_it(tmp_path: Path) -> None:
     script = ("import time\nfrom dialogrl.step_process import StepRunner\n"
