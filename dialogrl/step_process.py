@@ -20,7 +20,7 @@ HEAP_MMAP_THRESHOLD = 4 * 2**20
 """Bytes. glibc's default threshold rises with every large block freed (up to 32 MiB), after which tensors of a
 few MiB come from the heap, whose freed holes between live blocks stay resident: a PPO run (the benchmark's
 seed 0) peaked at 1,889 MiB so, at 1,570 MiB with 4 MiB fixed (1 MiB: 1,288 MiB but 50% slower; 16 MiB: 1,774),
-with the same results. Fresh mappings cost page faults: PPO took 4% longer, TRL's SFT steps 12-18% (so only
+with the same results. Fresh mappings cost page faults: PPO took 4% longer, TRL's SFT training 18% (so only
 the rollout trainers, the memory peaks, use it)."""
 
 
