@@ -131,7 +131,7 @@ class DPOConfig(TrainingEnvConfig):
 
 def main_dpo(config_path: str | None, overrides: list[str]) -> Path:
     """``dialogrl dpo``: train, then evaluate greedy and sampled replies on the held-out test split."""
-    from dialogrl.agents.ppo import evaluate_run
+    from dialogrl.evaluation import evaluate_run
 
     cfg = load_config(DPOConfig, config_path, overrides)
     out = train_dpo(cfg)

@@ -95,6 +95,10 @@ class PPOConfig(TrainingEnvConfig):
     """Adapt kl_coef towards target_kl (Ziegler et al. 2019)."""
     target_kl: float = 0.05
     """Target mean per-token KL for the adaptive controller."""
+    max_update_kl: float | None = None
+    """Stop an iteration's updates once a minibatch's approximate KL from the policy that collected the data
+    (mean over its reply tokens of (r - 1) - log r, r the probability ratio) exceeds this; that minibatch's step
+    is skipped (SB3's and CleanRL's ``target_kl``). None: every minibatch of every epoch steps."""
     gamma: float = 1.0
     """Discount per token."""
     lam: float = 0.95
@@ -133,6 +137,8 @@ class PPOConfig(TrainingEnvConfig):
         check_at_least(self, 0, "eval_episodes", "validation_seed")
         check_number(self, "temperature", "learning_rate", "max_grad_norm", above=0)
         check_number(self, "clip_range", "value_clip", "vf_coef", "kl_coef", "target_kl", at_least=0)
+        if self.max_update_kl is not None:
+            check_number(self, "max_update_kl", above=0)
         check_number(self, "gamma", "lam", at_least=0, at_most=1)
         check_lora_fields(self)
         if self.kl_estimator not in KL_ESTIMATORS:
@@ -233,7 +239,7 @@ def ppo_backward(module: nn.Module, data: Prepared, idx: list[int], cfg: PPOConf
                                                          + len(data.samples[i].response_ids) for i in e))
     chunks = [[i for e in ranked[start:start + FORWARD_CHUNK] for i in e]
               for start in range(0, len(ranked), FORWARD_CHUNK)]
-    parts = {"pg_loss": 0.0, "vf_loss": 0.0, "clipfrac": 0.0}
+    parts = {"pg_loss": 0.0, "vf_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0}
     for k, chunk in enumerate(chunks):
         logp, values, _ = forward_samples(module, [data.samples[i] for i in chunk], cfg.temperature, grad=True)
         old_logp = torch.cat([data.old_logp[i] for i in chunk])
@@ -251,7 +257,36 @@ def ppo_backward(module: nn.Module, data: Prepared, idx: list[int], cfg: PPOConf
         parts["pg_loss"] += pg.item()
         parts["vf_loss"] += vf.item()
         parts["clipfrac"] += float(((ratio - 1).abs() > cfg.clip_range).float().sum()) / total
+        log_ratio = (new_logp - old_logp).detach()
+        parts["approx_kl"] += float((torch.expm1(log_ratio) - log_ratio).sum()) / total
     return parts
+
+
+def update(module: nn.Module, optimizer: Any, data: Prepared, cfg: PPOConfig, rng: np.random.Generator,
+           accelerator: Any) -> tuple[list[dict[str, float]], int]:
+    """``ppo_epochs`` passes over the iteration's episodes in shuffled minibatches, one optimizer step each,
+    stopping early past ``max_update_kl``. The minibatches' loss parts, and the steps taken."""
+    episodes = sorted({s.episode for s in data.samples})
+    per_step = cfg.minibatch_episodes // accelerator.num_processes
+    losses: list[dict[str, float]] = []
+    steps = 0
+    for _ in range(cfg.ppo_epochs):
+        order = rng.permutation(len(episodes))
+        for start in range(0, len(order), per_step):
+            chosen = {episodes[j] for j in order[start:start + per_step]}
+            idx = [i for i, s in enumerate(data.samples) if s.episode in chosen]
+            optimizer.zero_grad()
+            parts = ppo_backward(module, data, idx, cfg, accelerator)
+            # All-reduced, so every process stops at the same minibatch.
+            kl = accelerator.reduce(torch.tensor(parts["approx_kl"], dtype=torch.float64), reduction="mean")
+            parts["approx_kl"] = float(kl)
+            losses.append(parts)
+            if cfg.max_update_kl is not None and parts["approx_kl"] > cfg.max_update_kl:
+                return losses, steps
+            accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            steps += 1
+    return losses, steps
 
 
 def train_ppo(cfg: PPOConfig) -> Path:
@@ -304,25 +339,13 @@ def train_ppo(cfg: PPOConfig) -> Path:
             data = prepare(inner, batch, cfg, state["kl_coef"], accelerator)
 
             module.train()
-            rng = np.random.default_rng([cfg.seed, it])
-            episodes = sorted({s.episode for s in data.samples})
-            per_step = cfg.minibatch_episodes // n_proc
-            losses: list[dict[str, float]] = []
-            for _ in range(cfg.ppo_epochs):
-                order = rng.permutation(len(episodes))
-                for start in range(0, len(order), per_step):
-                    chosen = {episodes[j] for j in order[start:start + per_step]}
-                    idx = [i for i, s in enumerate(data.samples) if s.episode in chosen]
-                    optimizer.zero_grad()
-                    parts = ppo_backward(module, data, idx, cfg, accelerator)
-                    accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    losses.append(parts)
+            losses, steps = update(module, optimizer, data, cfg, np.random.default_rng([cfg.seed, it]), accelerator)
 
             if cfg.adaptive_kl:  # proportional controller, clipped to +-20% per iteration
                 error = float(np.clip(data.kl / cfg.target_kl - 1, -0.2, 0.2))
                 state["kl_coef"] *= 1 + error
             row = _iteration_stats(it, batch, data, losses, state["kl_coef"], accelerator)
+            row["updates"] = steps
             row.update(kept.after_iteration(it, inner, tokenizer, env_fn, accelerator))
             state["history"].append(row)
             state["iteration"] = it + 1
@@ -360,7 +383,7 @@ def _iteration_stats(it: int, batch: RolloutBatch, data: Prepared, losses: list[
         "iteration": it, "success": float(total[0]) / n, "return": float(total[1]) / n,
         "kl": data.kl, "kl_coef": kl_coef, "entropy": data.entropy, "reply_tokens": float(total[3]) / n,
         "tokens_per_sec": float(total[4]) / max(float(total[5]) / accelerator.num_processes, 1e-9),
-        **{k: float(np.mean([row[k] for row in losses])) for k in ("pg_loss", "vf_loss", "clipfrac")},
+        **{k: float(np.mean([row[k] for row in losses])) for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl")},
     }
 
 
@@ -375,6 +398,7 @@ def _tensorboard(out: Path) -> Any:
 def main_ppo(config_path: str | None, overrides: list[str]) -> Path:
     """``dialogrl ppo``: train, then evaluate greedy and sampled replies on the held-out test split."""
     from dialogrl.config import dump_config, load_config
+    from dialogrl.evaluation import evaluate_run
 
     cfg = load_config(PPOConfig, config_path, overrides)
     out = train_ppo(cfg)
@@ -383,19 +407,3 @@ def main_ppo(config_path: str | None, overrides: list[str]) -> Path:
         evaluate_run(out, cfg.eval_episodes, cfg.eval_seed, method=cfg.method, training_seed=cfg.seed,
                      max_turns=cfg.max_turns)
     return out
-
-
-def evaluate_run(run_dir: Path, episodes: int, seed: int, method: str, training_seed: int | None = None,
-                 max_turns: int = 12) -> dict[str, Any]:
-    """Greedy (``eval.json``) and sampled (``eval_sampled.json``) test-split evaluations of a run directory."""
-    from dialogrl.evaluation import evaluate, write_json
-    from dialogrl.policies.lm import LMPolicy
-
-    results = {}
-    for decoding, name in (("greedy", "eval.json"), ("sampled", "eval_sampled.json")):
-        policy = LMPolicy.from_run_dir(run_dir, decoding=decoding)
-        result = evaluate(policy, split="test", episodes=episodes, seed=seed, method=method, decoding=decoding,
-                          training_seed=training_seed, env_kwargs={"max_turns": max_turns}, batch_size=64)
-        write_json(result, run_dir / name)
-        results[decoding] = result
-    return results

@@ -358,10 +358,9 @@ def _quiet_libraries() -> None:
 def console_main() -> int:
     """The ``dialogrl`` command (and ``python -m dialogrl.cli``): :func:`main` in a process of its own, so the
     rollout trainers may bound its heap (process-wide, which a program calling ``main()`` would not expect)."""
-    from dialogrl.step_process import limit_heap_growth
+    from dialogrl.step_process import limit_heap_growth_for
 
-    if sys.argv[1:2] in (["ppo"], ["dpo"]):
-        limit_heap_growth()
+    limit_heap_growth_for(sys.argv[1] if len(sys.argv) > 1 else "")
     return main()
 
 

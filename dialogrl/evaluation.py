@@ -225,3 +225,18 @@ def evaluate(
 def write_json(data: Any, path: str | Path) -> Path:
     """Write JSON atomically: a temp file in the same folder, then rename."""
     return write_text_atomic(path, json.dumps(data, indent=1))
+
+
+def evaluate_run(run_dir: Path, episodes: int, seed: int, method: str, training_seed: int | None = None,
+                 max_turns: int = 12) -> dict[str, Any]:
+    """Greedy (``eval.json``) and sampled (``eval_sampled.json``) test-split evaluations of a run directory."""
+    from dialogrl.policies.lm import LMPolicy
+
+    results = {}
+    for decoding, name in (("greedy", "eval.json"), ("sampled", "eval_sampled.json")):
+        policy = LMPolicy.from_run_dir(run_dir, decoding=decoding)
+        result = evaluate(policy, split="test", episodes=episodes, seed=seed, method=method, decoding=decoding,
+                          training_seed=training_seed, env_kwargs={"max_turns": max_turns}, batch_size=64)
+        write_json(result, run_dir / name)
+        results[decoding] = result
+    return results

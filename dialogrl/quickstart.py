@@ -17,7 +17,7 @@ from typing import Any
 from unittest.mock import patch
 
 from dialogrl.rewards.reward_model import ENV_PATHS
-from dialogrl.step_process import StepRunner, limit_heap_growth
+from dialogrl.step_process import StepRunner, limit_heap_growth_for
 from dialogrl.types import DialogRLError
 
 METHODS = ("sft", "sft-filtered", "ppo", "dpo", "ppo-rm", "sft-expert")
@@ -269,15 +269,16 @@ def _train_and_evaluate(cfg: QuickstartConfig, method: str, seed: int, base_dir:
                         expert_logs: Path) -> None:
     """Train ``method``'s seed into ``<out>/<method>-s<seed>`` unless it is there, then evaluate what is missing."""
     from dialogrl.agents.dpo import DPOConfig, train_dpo
-    from dialogrl.agents.ppo import PPOConfig, evaluate_run, train_ppo
+    from dialogrl.agents.ppo import PPOConfig, train_ppo
     from dialogrl.agents.sft import SFTConfig, train_sft
     from dialogrl.config import load_config
+    from dialogrl.evaluation import evaluate_run
 
     out = Path(cfg.out)
     run_dir = out / f"{method}-s{seed}"
     if not (run_dir / "run.json").exists():
-        if cfg.isolate_steps and not method.startswith("sft"):  # this process is the step's own
-            limit_heap_growth()
+        if cfg.isolate_steps:  # this process is the step's own
+            limit_heap_growth_for(method)
         if method.startswith("sft"):
             overrides = [f"model={base_dir}", f"seed={seed}",
                          f"train_file={expert_logs if method == 'sft-expert' else logs}",

@@ -42,6 +42,17 @@ def limit_heap_growth(threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
         return False
 
 
+HEAP_BOUNDED = frozenset({"ppo", "dpo"})
+"""The trainers whose processes bound their heap: the rollout trainers, the memory peaks (a quickstart method
+counts by its first word, so ``ppo-rm`` is PPO)."""
+
+
+def limit_heap_growth_for(trainer: str) -> bool:
+    """:func:`limit_heap_growth` in a process of our own about to run ``trainer`` (a ``dialogrl`` command or a
+    quickstart method), if it is one of :data:`HEAP_BOUNDED`. True if applied."""
+    return trainer.split("-")[0] in HEAP_BOUNDED and limit_heap_growth()
+
+
 def _die_with_parent(parent_pid: int) -> None:
     """In a step's process: end with the job, even when the job is killed (SIGKILL gives it no chance to stop
     its steps). Linux only; elsewhere a killed job's step runs to its end."""

@@ -87,6 +87,7 @@ def test_kl_estimators_are_unbiased_and_k3_never_negative() -> None:
     (["vf_coef=-1"], "vf_coef=-1.0"),
     (["adaptive_kl=true", "target_kl=0"], "target_kl=0.0: must be a finite number > 0"),
     (["kl_estimator=k2"], "kl_estimator=k2: use one of k1, k3"),
+    (["max_update_kl=0"], "max_update_kl=0.0: must be a finite number > 0"),
     (["max_grad_norm=0"], "max_grad_norm=0.0"),
     (["gamma=1.5"], "gamma=1.5: must be a finite number in [0, 1]"),
     (["minibatch_episodes=5"], "minibatch_episodes=5: must divide episodes_per_iteration=64"),
@@ -173,6 +174,21 @@ def test_ppo_learns_a_rewarded_behaviour(tiny_model_dir: Path, tmp_path: Path, b
     # An untuned tiny model replies with ~12 tokens; the loss must shorten them markedly (no update: ~12 +- 1).
     assert last < 0.75 * first, [round(h["reply_tokens"], 1) for h in history]
     assert np.mean([h["return"] for h in history[-2:]]) > history[0]["return"]
+
+
+def test_max_update_kl_stops_an_iterations_updates(tiny_model_dir: Path, tmp_path: Path,
+                                                    brevity_reward: str) -> None:
+    free = train_ppo(_config(tiny_model_dir, tmp_path / "free", brevity_reward, iterations=2, learning_rate=5e-2))
+    free_rows = json.loads((free / "run.json").read_text())["history"]
+    assert [r["updates"] for r in free_rows] == [4, 4]  # 2 epochs x 2 minibatches
+    # The first minibatch of an iteration is scored by the policy that collected it (approximate KL ~0): it
+    # steps; with this learning rate the next one is far from it, so the iteration stops there.
+    capped = train_ppo(_config(tiny_model_dir, tmp_path / "capped", brevity_reward, iterations=2,
+                               learning_rate=5e-2, max_update_kl=1e-4))
+    rows = json.loads((capped / "run.json").read_text())["history"]
+    assert [r["updates"] for r in rows] == [1, 1], rows
+    assert max(r["approx_kl"] for r in free_rows) > 1e-4  # the cap did bind
+    assert rows[0]["return"] == free_rows[0]["return"]  # the same first collection: only the updates differ
 
 
 def _adapter_weights(run: Path) -> dict[str, torch.Tensor]:

@@ -252,6 +252,15 @@ def test_a_bounded_heap_hands_freed_memory_back() -> None:
             assert check(process.submit(task).result())
 
 
+def test_only_the_rollout_trainers_bound_their_heap(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dialogrl import step_process
+
+    monkeypatch.setattr(step_process, "limit_heap_growth", lambda: True)  # not in this test's own process
+    bounded = [name for name in ("ppo", "ppo-rm", "dpo", "sft", "sft-filtered", "sft-expert", "reward-model",
+                                 "eval", "quickstart", "") if step_process.limit_heap_growth_for(name)]
+    assert bounded == ["ppo", "ppo-rm", "dpo"]
+
+
 def test_a_users_malloc_setting_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     from dialogrl.step_process import limit_heap_growth
 
