@@ -14,6 +14,8 @@ conversation at a time.
   each = 1 / decoding tokens/s + prompt tokens per generated token / encoding tokens/s, both measured here.
 - ``decode_row_utilization``: the share of the batched rollout's decoding row-steps that yield a reply token.
   ``generate`` decodes every row until the longest reply of its batch ends, so rows whose reply is done wait.
+- ``batch_row_occupancy``: how full the batched run's calls are (live conversations over the batch size,
+  weighted by decoding steps): its episodes start together and end after different numbers of turns.
 """
 
 from __future__ import annotations
@@ -106,6 +108,16 @@ def decode_row_utilization(samples: list) -> float:
     return sum(map(sum, lengths.values())) / sum(max(v) * len(v) for v in lengths.values())
 
 
+def batch_row_occupancy(samples: list, batch: int) -> float:
+    """Live conversations per ``generate`` call over the batch size, weighted by the call's decoding steps (same
+    assumption as :func:`decode_row_utilization`): the batch shrinks as its episodes end, and nothing refills it
+    when there are no more episodes to start."""
+    lengths: dict[int, list[int]] = defaultdict(list)
+    for s in samples:
+        lengths[s.turn].append(len(s.response_ids))
+    return sum(max(v) * len(v) for v in lengths.values()) / sum(max(v) * batch for v in lengths.values())
+
+
 def new_prompt_tokens(samples: list) -> int:
     """Prompt tokens a turn adds to what the conversation's cache already holds (its previous prompt + reply)."""
     total, before = 0, {}
@@ -173,13 +185,15 @@ def main() -> None:
         "prompt_tokens_per_generated_token": prompt_ratio, "new_prompt_tokens_per_turn": per_turn,
         "encode_tokens_per_sec": {"1": enc_one, str(args.batch): enc_many},
         "ideal_batched_vs_sequential": ideal, "decode_row_utilization": decode_row_utilization(many.samples),
+        "batch_row_occupancy": batch_row_occupancy(many.samples, args.batch),
         "python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
     }
     result["met"] = result["rollout_vs_raw"] >= 0.9 and result["batched_vs_sequential"] >= 5.0
     write_json(result, Path(args.out))
     for key in ("rollout_tokens_per_sec", "raw_generate_tokens_per_sec", "rollout_vs_raw", "sequential_tokens_per_sec",
                 "batched_tokens_per_sec", "batched_vs_sequential", "decode_ceiling_batched_vs_sequential",
-                "prompt_tokens_per_generated_token", "ideal_batched_vs_sequential", "decode_row_utilization", "met"):
+                "prompt_tokens_per_generated_token", "ideal_batched_vs_sequential", "decode_row_utilization",
+                "batch_row_occupancy", "met"):
         print(f"{key:30s} {result[key]}")
 
 
