@@ -99,23 +99,26 @@ def encode_tps(policy: LMPolicy, batch: int, context: int, new_tokens: int, repe
     return batch * new_tokens / sorted(times)[len(times) // 2]
 
 
-def decode_row_utilization(samples: list) -> float:
-    """Reply tokens over the rows x decoding steps spent on them, when one ``generate`` call answers one turn of
-    every live conversation (as in the batched run: its episodes start together) and runs to its longest reply."""
+def _reply_lengths_per_call(samples: list) -> list[list[int]]:
+    """Reply lengths of each ``generate`` call, when one call answers one turn of every live conversation (as in
+    the batched run: its episodes start together) and runs to its longest reply."""
     lengths: dict[int, list[int]] = defaultdict(list)
     for s in samples:
         lengths[s.turn].append(len(s.response_ids))
-    return sum(map(sum, lengths.values())) / sum(max(v) * len(v) for v in lengths.values())
+    return list(lengths.values())
+
+
+def decode_row_utilization(samples: list) -> float:
+    """Reply tokens over the rows x decoding steps spent on them."""
+    calls = _reply_lengths_per_call(samples)
+    return sum(map(sum, calls)) / sum(max(v) * len(v) for v in calls)
 
 
 def batch_row_occupancy(samples: list, batch: int) -> float:
-    """Live conversations per ``generate`` call over the batch size, weighted by the call's decoding steps (same
-    assumption as :func:`decode_row_utilization`): the batch shrinks as its episodes end, and nothing refills it
-    when there are no more episodes to start."""
-    lengths: dict[int, list[int]] = defaultdict(list)
-    for s in samples:
-        lengths[s.turn].append(len(s.response_ids))
-    return sum(max(v) * len(v) for v in lengths.values()) / sum(max(v) * batch for v in lengths.values())
+    """Live conversations per ``generate`` call over the batch size, weighted by the call's decoding steps: the
+    batch shrinks as its episodes end, and nothing refills it when there are no more episodes to start."""
+    calls = _reply_lengths_per_call(samples)
+    return sum(max(v) * len(v) for v in calls) / sum(max(v) * batch for v in calls)
 
 
 def new_prompt_tokens(samples: list) -> int:
