@@ -23,7 +23,7 @@ transfers to true success (judged from the database, as for every method).
 
 Every training run (with its evaluations) runs in a fresh process, as in the quickstart (``isolate_steps``): in
 one process, the rounding left by earlier steps changed PPO's runs, and its held-out success is sensitive enough to
-that for a seed to move by 0.16 (see the README).
+that for a seed to move by 0.16 (see docs/results.md).
 
 Writes benchmarks/results/learning.json (and the full report under --work, with ``report_vs_filtered/`` and
 ``report_vs_expert_logs/``: every method against filtered SFT and against SFT on the expert's logs). A rerun on

@@ -31,7 +31,7 @@ around 8 per episode) against the rule reward's 0.3-0.6 per episode, so PPO's de
 times weaker against it: with 0.05, ppo-rm drifted to 5 nats per reply from SFT and gamed the reward model
 (held-out success 0.187 over 3 seeds on the default logs); with 1.0, 0.590. At 1.0 one habit-logs seed of three
 still collapsed (entropy 0.06 -> 2.7); ``kl_estimator=k3`` (never negative) kept all three (0.600 against 0.497)
-but drifted further on the default logs (0.543, KL 3.2 nats per reply): see the README."""
+but drifted further on the default logs (0.543, KL 3.2 nats per reply): see docs/results.md."""
 
 
 @dataclass
