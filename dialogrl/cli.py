@@ -20,6 +20,38 @@ class _Parser(argparse.ArgumentParser):
         raise DialogRLError(f"{command}: {message}" if command else message)
 
 
+CONFIG_CLASSES = {
+    "sft": "dialogrl.agents.sft:SFTConfig", "ppo": "dialogrl.agents.ppo:PPOConfig",
+    "dpo": "dialogrl.agents.dpo:DPOConfig", "reward-model": "dialogrl.agents.reward_model_train:RewardModelConfig",
+    "quickstart": "dialogrl.quickstart:QuickstartConfig", "bootstrap": "dialogrl.policies.bootstrap:BootstrapConfig",
+    "sb3": "dialogrl.agents.sb3:SB3Config",
+}
+"""The config dataclass behind each command's KEY=VALUE overrides, listed by ``dialogrl COMMAND --help``."""
+
+
+class _HelpWithKeys(argparse.Action):
+    """``-h``/``--help`` that also lists the command's config keys with their defaults and docstrings. Built only
+    when asked for: some config modules import torch, which ``dialogrl --help`` should not wait for."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show this help message, with every config key, and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        import importlib
+
+        from dialogrl.config_help import describe_config
+
+        command = parser.prog.partition(" ")[2]
+        module, _, name = CONFIG_CLASSES[command].partition(":")
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        parser.epilog = (f"config keys (set in the --config YAML or as KEY=VALUE; unknown keys are errors):\n"
+                         f"{describe_config(getattr(importlib.import_module(module), name))}")
+        parser.print_help()
+        parser.exit()
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (``kill``, ``timeout``), raised like Ctrl-C so every half-written run is cleaned up on the way out."""
 
@@ -127,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", required=True, help="method name of the baseline")
     p.add_argument("--out", required=True, type=Path)
 
-    p = sub.add_parser("sb3", help="train stable-baselines3 on the dialogue-act env and evaluate it")
+    p = _config_command(sub, "sb3", "train stable-baselines3 on the dialogue-act env and evaluate it")
     p.add_argument("--algo", default="ppo", choices=["ppo", "dqn"])
     p.add_argument("--timesteps", type=_count,
                    help="default: configs/sb3.yaml; rounded up to whole rollouts (PPO collects n_envs * n_steps = "
@@ -139,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="SB3Config overrides (configs/sb3.yaml), e.g. overwrite=true")
 
-    p = sub.add_parser("bootstrap", help="build (or reuse from the cache) the offline base model")
+    p = _config_command(sub, "bootstrap", "build (or reuse from the cache) the offline base model")
     p.add_argument("--out", type=Path, help="also copy the model here")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="BootstrapConfig overrides")
 
@@ -147,10 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
                        ("dpo", "iterative DPO on environment-ranked reply pairs (TRL DPOTrainer)"),
                        ("reward-model", "train a learned reward model (TRL RewardTrainer)"),
                        ("quickstart", "the main job: base -> logs -> SFT -> filtered SFT -> PPO, DPO -> evaluation -> report")):
-        p = sub.add_parser(name, help=what)
+        p = _config_command(sub, name, what)
         p.add_argument("--config", help=f"YAML config (default: configs/{name.replace('-', '_')}.yaml defaults)")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     sub.choices["quickstart"].add_argument("--seeds", type=_count, help="training seeds per method")
+    return parser
+
+
+def _config_command(sub: Any, name: str, what: str) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=what, add_help=False)
+    parser.add_argument("-h", "--help", action=_HelpWithKeys)
     return parser
 
 
