@@ -42,6 +42,7 @@ from dialogrl.config import check_at_least, check_number, config_to_dict, dump_c
 from dialogrl.data import load_preference_pairs
 from dialogrl.evaluation import scenario_seeds
 from dialogrl.outputs import check_output_dir, replace_dir, temp_dir_beside
+from dialogrl.policies.lm import model_context
 from dialogrl.types import DialogRLError, Message
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
@@ -238,8 +239,7 @@ def _train_round(cfg: DPOConfig, start_dir: Path, tokenizer: Any, rows: list[dic
     from trl import DPOTrainer
 
     model = AutoModelForCausalLM.from_pretrained(start_dir, local_files_only=True)
-    context = int(getattr(model.config, "n_positions", 0) or getattr(model.config, "max_position_embeddings", 0)
-                  or 1024)
+    context = model_context(model.config)
     max_length = min(cfg.max_length or context, context)
     data = []
     for r in rows:

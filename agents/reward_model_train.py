@@ -34,7 +34,8 @@ from dialogrl.config import check_at_least, check_number, config_to_dict, dump_c
 from dialogrl.data import load_preference_pairs
 from dialogrl.evaluation import scenario_seeds
 from dialogrl.outputs import check_output_dir, replace_dir, temp_dir_beside
-from dialogrl.rewards.reward_model import METHOD, RewardModelScorer, encode_conversation, model_context
+from dialogrl.policies.lm import model_context
+from dialogrl.rewards.reward_model import METHOD, RewardModelScorer, encode_conversation
 from dialogrl.types import DialogRLError
 
 

@@ -26,6 +26,7 @@ from dialogrl.agents.versions import package_versions
 from dialogrl.config import check_number, config_to_dict, dump_config, load_config
 from dialogrl.data import DEFAULT_SYSTEM_PROMPT, filter_success, load_conversations
 from dialogrl.outputs import check_output_dir, replace_dir, temp_dir_beside
+from dialogrl.policies.lm import model_context
 from dialogrl.types import DialogRLError
 
 
@@ -77,7 +78,8 @@ class SFTConfig:
     lora_target_modules: list[str] | str = "all-linear"
     """Modules that get LoRA adapters: a list of names, or ``all-linear`` (every linear layer but the output head)."""
     max_length: int = 512
-    """Tokens per conversation; longer ones are cut at the end (ones with no assistant token left are dropped)."""
+    """Tokens per conversation, at most the model's context; longer ones are cut at the end (ones with no assistant
+    token left are dropped)."""
     seed: int = 0
     """Seed for the validation split, LoRA initialisation and data order."""
     output_dir: str = "runs/sft"
@@ -229,7 +231,7 @@ def _split(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list
 def _train(config: SFTConfig, train_rows: list[dict], eval_rows: list[dict], tmp: Path) -> dict[str, Any]:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
@@ -239,14 +241,23 @@ def _train(config: SFTConfig, train_rows: list[dict], eval_rows: list[dict], tmp
     except (OSError, ValueError) as exc:
         raise DialogRLError(f"cannot load a tokenizer from {config.model}: {_first_line(exc)}") from None
     template = _training_template(tokenizer, config.model)
-    # Conversations longer than the model's context are expected: TRL cuts them at max_length and
-    # _fit_to_length drops those left without an assistant token, counting both in run.json. Marked as given,
-    # the tokenizer's one-time "will result in indexing errors" warning (a false alarm here) stays quiet.
+    try:
+        context = model_context(AutoConfig.from_pretrained(model_path))
+    except (OSError, ValueError) as exc:
+        raise DialogRLError(f"cannot load a causal LM from {config.model}: {_first_line(exc)}") from None
+    # Never past the model's context (as DPO and the reward model): a model with learned positions (GPT-2) has
+    # no embedding beyond it, and TRL does not check.
+    max_length = min(config.max_length, context)
+    # Conversations longer than that are expected: TRL cuts them at max_length and _fit_to_length drops those
+    # left without an assistant token, counting both in run.json. Marked as given, the tokenizer's one-time
+    # "will result in indexing errors" warning (a false alarm here) stays quiet.
     tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
-    train_msgs, dropped_train, cut_train = _fit_to_length(tokenizer, template, train_rows, config.max_length)
-    eval_msgs, dropped_eval, cut_eval = _fit_to_length(tokenizer, template, eval_rows, config.max_length)
+    train_msgs, dropped_train, cut_train = _fit_to_length(tokenizer, template, train_rows, max_length)
+    eval_msgs, dropped_eval, cut_eval = _fit_to_length(tokenizer, template, eval_rows, max_length)
     if not train_msgs:
-        raise DialogRLError(f"no training conversation has an assistant token within max_length={config.max_length}")
+        raise DialogRLError(f"no training conversation has an assistant token within max_length={max_length}"
+                            + (f" (the model's context; max_length={config.max_length} was asked for)"
+                               if max_length < config.max_length else ""))
     validate = bool(eval_msgs)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -267,7 +278,7 @@ def _train(config: SFTConfig, train_rows: list[dict], eval_rows: list[dict], tmp
     args = TRLSFTConfig(
         output_dir=str(tmp / "trainer"),
         **cpu_trainer_args(TRLSFTConfig), report_to=[],
-        assistant_only_loss=True, max_length=config.max_length, packing=False,
+        assistant_only_loss=True, max_length=max_length, packing=False,
         max_steps=config.max_steps, num_train_epochs=config.num_train_epochs,
         per_device_train_batch_size=config.per_device_train_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -318,6 +329,7 @@ def _train(config: SFTConfig, train_rows: list[dict], eval_rows: list[dict], tmp
         "eval_conversations": len(eval_msgs),
         "dropped_no_assistant_within_max_length": dropped_train + dropped_eval,
         "cut_at_max_length": cut_train + cut_eval,
+        "max_length": max_length,
     }
 
 

@@ -108,7 +108,7 @@ class BootstrapConfig:
     def tiny(cls) -> BootstrapConfig:
         """A model that builds in seconds, for tests: learns little, but has the real format and files."""
         # block_size < n_positions: positions past 128 stay untrained, a fair trade for a 3x faster test build.
-        return cls(vocab_size=400, n_layer=2, n_head=2, n_embd=32, n_positions=256, block_size=128, steps=100,
+        return cls(vocab_size=400, n_layer=2, n_head=2, n_embd=32, n_positions=512, block_size=128, steps=100,
                    batch_size=8, lr=5e-3, warmup=10, corpus_episodes=60, tokenizer_conversations=0,
                    num_threads=1)  # one thread: matrices this small lose more to thread hand-offs than they gain
 

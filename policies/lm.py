@@ -23,6 +23,12 @@ from dialogrl.policies.kv_reuse import (
 from dialogrl.types import DialogRLError, Message
 
 
+def model_context(config: Any) -> int:
+    """A transformers model config's context length (``n_positions`` or ``max_position_embeddings``; 1024 if it
+    states none)."""
+    return int(getattr(config, "n_positions", 0) or getattr(config, "max_position_embeddings", 0) or 1024)
+
+
 @dataclass
 class GenerationSettings:
     """How replies are decoded."""
@@ -96,8 +102,7 @@ class LMPolicy:
         self.end_id = _end_of_turn_id(tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.end_id
-        self.context = int(getattr(model.config, "n_positions", 0) or getattr(model.config, "max_position_embeddings",
-                                                                                0) or 1024)
+        self.context = model_context(model.config)
 
     @classmethod
     def from_pretrained(cls, model_path: str | Path, adapter_path: str | Path | None = None,

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dialogrl.policies.lm import model_context
 from dialogrl.rewards.base import register_reward
 from dialogrl.types import DialogRLError, Message, Transition
 
@@ -72,11 +73,6 @@ def encode_conversation(tokenizer: Any, messages: Sequence[Message], max_length:
     text = tokenizer.apply_chat_template(list(messages), tokenize=False)
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     return list(ids[-max_length:]) if max_length and len(ids) > max_length else list(ids)
-
-
-def model_context(config: Any) -> int:
-    """The model's context length (``n_positions`` or ``max_position_embeddings``; 1024 if it states none)."""
-    return int(getattr(config, "n_positions", 0) or getattr(config, "max_position_embeddings", 0) or 1024)
 
 
 class RewardModelScorer:

@@ -57,3 +57,25 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("tiny_base") / "model"
     return build_base_model(BootstrapConfig.tiny(), synthetic_corpus(), out, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A GPT-2 architecture model (learned positions, Conv1D layers; 256 positions) with the tiny model's tokenizer
+    and chat template: what a user's own local HF model looks like, next to our Llama-layout base."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=end, eos_token_id=end, pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(config)
+    model.generation_config.eos_token_id = end
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    out = tmp_path_factory.mktemp("tiny_gpt2") / "model"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

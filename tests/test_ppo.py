@@ -176,6 +176,19 @@ def test_ppo_learns_a_rewarded_behaviour(tiny_model_dir: Path, tmp_path: Path, b
     assert np.mean([h["return"] for h in history[-2:]]) > history[0]["return"]
 
 
+def test_ppo_trains_a_gpt2_and_its_adapter_reloads(tiny_gpt2_dir: Path, tmp_path: Path, brevity_reward: str) -> None:
+    """A user's GPT-2 (learned positions, Conv1D layers that LoRA must treat as fan-in-fan-out) as the start."""
+    from dialogrl.policies.lm import LMPolicy
+
+    run = train_ppo(_config(tiny_gpt2_dir, tmp_path / "run", brevity_reward, iterations=2, max_new_tokens=8,
+                            kl_coef=0.05))
+    history = json.loads((run / "run.json").read_text())["history"]
+    assert [h["updates"] for h in history] == [4, 4]
+    assert history[1]["kl"] > 0  # the first update moved the policy off its start (the adapter-disabled reference)
+    reply = LMPolicy.from_run_dir(run).generate([[{"role": "user", "content": "where is my order?"}]])[0]
+    assert 0 < len(reply.response_ids) <= 8
+
+
 def test_max_update_kl_stops_an_iterations_updates(tiny_model_dir: Path, tmp_path: Path,
                                                     brevity_reward: str) -> None:
     free = train_ppo(_config(tiny_model_dir, tmp_path / "free", brevity_reward, iterations=2, learning_rate=5e-2))

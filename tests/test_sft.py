@@ -126,6 +126,19 @@ def test_long_conversations_are_cut_and_counted_without_a_false_alarm(model_dir:
     assert not [m for m in seen if "maximum sequence length" in m]
 
 
+def test_max_length_stops_at_a_gpt2_models_learned_positions(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    """GPT-2 has no position embedding past its 256 positions: the default max_length (512) is cut to them (a
+    longer batch raised IndexError deep inside torch), and run.json records the length used."""
+    long_tail = conversation(1, True)
+    long_tail["messages"].append({"role": "user", "content": "thanks again for all of it " * 60})
+    rows = [conversation(i, True) for i in range(4)] + [long_tail]
+    out = train_sft(SFTConfig(model=str(tiny_gpt2_dir), train_file=str(write_jsonl(tmp_path / "l.jsonl", rows)),
+                              output_dir=str(tmp_path / "sft"), eval_fraction=0, max_steps=2,
+                              per_device_train_batch_size=5))
+    metrics = json.loads((out / "run.json").read_text())["metrics"]
+    assert metrics["max_length"] == 256 and metrics["cut_at_max_length"] == 1 and metrics["steps"] == 2
+
+
 def test_the_best_checkpoint_is_saved_not_the_last(model_dir: Path, tmp_path: Path) -> None:
     # A learning rate far too high makes the validation loss bounce, so the last evaluation is not the best.
     data = write_jsonl(tmp_path / "logs.jsonl", [conversation(i, True) for i in range(16)])
