@@ -138,7 +138,7 @@ def main_dpo(config_path: str | None, overrides: list[str]) -> Path:
     out = train_dpo(cfg)
     if cfg.eval_episodes:
         evaluate_run(out, cfg.eval_episodes, cfg.eval_seed, method=cfg.method, training_seed=cfg.seed,
-                     max_turns=cfg.max_turns)
+                     **cfg.held_out_tasks())
     return out
 
 

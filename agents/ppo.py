@@ -405,5 +405,5 @@ def main_ppo(config_path: str | None, overrides: list[str]) -> Path:
     dump_config(cfg, out / "config.yaml")
     if cfg.eval_episodes:
         evaluate_run(out, cfg.eval_episodes, cfg.eval_seed, method=cfg.method, training_seed=cfg.seed,
-                     max_turns=cfg.max_turns)
+                     **cfg.held_out_tasks())
     return out

@@ -28,6 +28,9 @@ class TrainingEnvConfig:
     """Reward specs NAME_OR_PATH[=WEIGHT] that define the returns; None: the env's default mix."""
     intents: list[str] | None = None
     """Restrict training to these intents; None: all."""
+    scenario_files: list[str] | None = None
+    """Your own scenario YAML files (intents; schema in the README), added to the built-in ones; with ``intents``
+    naming theirs, training plays them alone."""
     max_turns: int = 12
     """Agent turns per conversation."""
     env_batch: int = 64
@@ -38,8 +41,19 @@ class TrainingEnvConfig:
 
     def env_factory(self) -> Callable[[], gym.Env]:
         """A constructor of the training environment; a bad id, reward spec or intent fails here, before any work."""
-        kwargs = checked_env_kwargs(self.env_id, "train", self.max_turns, self.rewards, self.intents)
+        kwargs = checked_env_kwargs(self.env_id, "train", self.max_turns, self.rewards, self.intents,
+                                    self.scenario_files)
         return lambda: make_env(self.env_id, **kwargs)
+
+    def held_out_tasks(self) -> dict[str, Any]:
+        """What a run's own held-out evaluation plays: this env's tasks (intents, scenario files, turns) on the test
+        split, with the env's default reward mix as ``dialogrl eval`` reports it."""
+        kwargs: dict[str, Any] = {"max_turns": self.max_turns}
+        if self.intents:
+            kwargs["intents"] = list(self.intents)
+        if self.scenario_files:
+            kwargs["scenario_files"] = list(self.scenario_files)
+        return {"env_id": self.env_id, "env_kwargs": kwargs}
 
 
 @dataclass

@@ -53,13 +53,16 @@ def make_env(env_id: str, **kwargs: Any) -> gym.Env:
 
 
 def checked_env_kwargs(env_id: str, split: str, max_turns: int, rewards: Sequence[str] | None = None,
-                       intents: Sequence[str] | None = None) -> dict[str, Any]:
+                       intents: Sequence[str] | None = None,
+                       scenario_files: Sequence[str] | None = None) -> dict[str, Any]:
     """Env kwargs from a training config's fields, checked once by building the env (fails fast, one line)."""
     kwargs: dict[str, Any] = {"split": split, "max_turns": max_turns}
     if rewards:
         kwargs["reward"] = list(rewards)
     if intents:
         kwargs["intents"] = list(intents)
+    if scenario_files:
+        kwargs["scenario_files"] = list(scenario_files)
     make_env(env_id, **kwargs).close()
     return kwargs
 
@@ -228,15 +231,16 @@ def write_json(data: Any, path: str | Path) -> Path:
 
 
 def evaluate_run(run_dir: Path, episodes: int, seed: int, method: str, training_seed: int | None = None,
-                 max_turns: int = 12) -> dict[str, Any]:
+                 env_id: str = "dialogrl/CustomerService-v0", env_kwargs: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
     """Greedy (``eval.json``) and sampled (``eval_sampled.json``) test-split evaluations of a run directory."""
     from dialogrl.policies.lm import LMPolicy
 
     results = {}
     for decoding, name in (("greedy", "eval.json"), ("sampled", "eval_sampled.json")):
         policy = LMPolicy.from_run_dir(run_dir, decoding=decoding)
-        result = evaluate(policy, split="test", episodes=episodes, seed=seed, method=method, decoding=decoding,
-                          training_seed=training_seed, env_kwargs={"max_turns": max_turns}, batch_size=64)
+        result = evaluate(policy, env_id, split="test", episodes=episodes, seed=seed, method=method,
+                          decoding=decoding, training_seed=training_seed, env_kwargs=env_kwargs, batch_size=64)
         write_json(result, run_dir / name)
         results[decoding] = result
     return results

@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from dialogrl.agents.ppo import KL_ESTIMATORS, PPOConfig, gae, train_ppo
+from dialogrl.agents.ppo import KL_ESTIMATORS, PPOConfig, gae, main_ppo, train_ppo
+from dialogrl.config import dump_config
 from dialogrl.types import DialogRLError
 
 pytestmark = pytest.mark.slow
@@ -187,6 +189,23 @@ def test_ppo_trains_a_gpt2_and_its_adapter_reloads(tiny_gpt2_dir: Path, tmp_path
     assert history[1]["kl"] > 0  # the first update moved the policy off its start (the adapter-disabled reference)
     reply = LMPolicy.from_run_dir(run).generate([[{"role": "user", "content": "where is my order?"}]])[0]
     assert 0 < len(reply.response_ids) <= 8
+
+
+def test_your_own_scenario_file_is_trained_and_evaluated_on(tiny_model_dir: Path, tmp_path: Path,
+                                                             brevity_reward: str) -> None:
+    """``scenario_files`` + ``intents``: PPO plays the user's intent in training, and the run's own held-out
+    evaluation plays it on the test split (the training env's tasks, not the built-in mix)."""
+    custom = Path(__file__).parent / "fixtures" / "damaged_item.yaml"
+    cfg = _config(tiny_model_dir, tmp_path / "run", brevity_reward, iterations=1, scenario_files=[str(custom)],
+                  intents=["damaged_item"])
+    env = cfg.env_factory()()
+    assert env.reset(seed=3)[1]["scenario"]["intent"] == "damaged_item"
+    run = main_ppo(str(dump_config(cfg, tmp_path / "ppo.yaml")), ["eval_episodes=3"])
+    evaluation = json.loads((run / "eval.json").read_text())
+    assert evaluation["split"] == "test" and {r["intent"] for r in evaluation["records"]} == {"damaged_item"}
+    assert yaml.safe_load((run / "config.yaml").read_text())["scenario_files"] == [str(custom)]
+    with pytest.raises(DialogRLError, match="no-such.yaml"):
+        _config(tiny_model_dir, tmp_path / "bad", brevity_reward, scenario_files=["no-such.yaml"]).env_factory()
 
 
 def test_max_update_kl_stops_an_iterations_updates(tiny_model_dir: Path, tmp_path: Path,
