@@ -202,6 +202,20 @@ def test_sampling_strategy_reaches_the_trainer(model_dir: Path, tmp_path: Path, 
     assert used == [sampler]
 
 
+def test_neftune_noise_reaches_training(model_dir: Path, tmp_path: Path) -> None:
+    """The same step on the same data and seed: NEFTune's embedding noise changes its loss, and nothing else does."""
+    data = write_jsonl(tmp_path / "logs.jsonl", [conversation(i, True) for i in range(4)])
+
+    def first_loss(name: str, alpha: float | None) -> float:
+        run = train_sft(SFTConfig(model=str(model_dir), train_file=str(data), output_dir=str(tmp_path / name),
+                                  max_steps=1, eval_fraction=0, max_length=128, neftune_noise_alpha=alpha))
+        return json.loads((run / "run.json").read_text())["metrics"]["train_loss"][0][1]
+
+    plain = first_loss("plain", None)
+    assert first_loss("again", None) == plain
+    assert first_loss("noisy", 15.0) != plain
+
+
 @pytest.mark.parametrize(
     ("line", "needle"),
     [
@@ -275,6 +289,7 @@ def test_empty_model_means_the_cached_base_model(model_dir: Path, tmp_path: Path
     (["weight_decay=-0.1"], "weight_decay=-0.1: must be a finite number >= 0"),
     (["lora_alpha=0"], "lora_alpha=0: must be a finite number > 0"),
     (["lora_r=0"], "lora_r=0: must be at least 1"),
+    (["neftune_noise_alpha=0"], "neftune_noise_alpha=0.0: must be a finite number > 0"),
     (["train_sampling_strategy=shortest"], "train_sampling_strategy=shortest: not a transformers sampling "
                                            "strategy; use one of random, sequential, group_by_length"),
 ])
