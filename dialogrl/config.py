@@ -223,17 +223,17 @@ def _check(value: Any, annotation: Any) -> Any:
                 return _check(value, option)
             except _Mismatch:
                 continue
-        raise _Mismatch(" or ".join(_name(a) for a in args))
+        raise _Mismatch(" or ".join(annotation_name(a) for a in args))
     if origin is typing.Literal:
         if value in args:
             return value
         raise _Mismatch("one of " + ", ".join(repr(a) for a in args))
     if origin in (list, tuple, set, frozenset) or annotation in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise _Mismatch(_name(annotation))
+            raise _Mismatch(annotation_name(annotation))
         if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
             if len(value) != len(args):
-                raise _Mismatch(_name(annotation))
+                raise _Mismatch(annotation_name(annotation))
             return tuple(_check(v, a) for v, a in zip(value, args, strict=True))
         item = args[0] if args else Any
         items = [_check(v, item) for v in value]
@@ -273,11 +273,12 @@ def _check(value: Any, annotation: Any) -> Any:
     if isinstance(annotation, type):
         if isinstance(value, annotation):
             return value
-        raise _Mismatch(_name(annotation))
+        raise _Mismatch(annotation_name(annotation))
     return value  # an annotation this checker does not know: accept
 
 
-def _name(annotation: Any) -> str:
+def annotation_name(annotation: Any) -> str:
+    """A type annotation as users write it (``int``, ``list[str] | None``), for errors and ``--help``."""
     if annotation is type(None):
         return "null"
     if isinstance(annotation, type) and not typing.get_args(annotation):

@@ -14,6 +14,8 @@ import textwrap
 import typing
 from typing import Any
 
+from dialogrl.config import annotation_name
+
 
 def field_docs(cls: type) -> dict[str, str]:
     """Each field's docstring (whitespace collapsed), from ``cls`` and its dataclass bases; a field without one is
@@ -56,18 +58,12 @@ def describe_config(cls: type, width: int = 100) -> str:
             continue
         default = default_of(field)
         shown = "required" if default is dataclasses.MISSING else f"= {_short(default)}"
-        kind = _type_name(hints.get(field.name, field.type))
+        kind = annotation_name(hints.get(field.name, field.type))
         entries.append(f"  {field.name} ({kind}) {shown}")
         if field.name in docs:
             entries.append(textwrap.fill(docs[field.name], width=width, initial_indent=" " * 6,
                                          subsequent_indent=" " * 6, break_on_hyphens=False))
     return "\n".join(entries)
-
-
-def _type_name(annotation: Any) -> str:
-    if isinstance(annotation, type) and not typing.get_args(annotation):
-        return annotation.__name__
-    return str(annotation).replace("typing.", "").replace("NoneType", "None")
 
 
 def _short(value: Any) -> str:
