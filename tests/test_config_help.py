@@ -6,6 +6,7 @@ import dataclasses
 import importlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +61,15 @@ def test_top_level_help_imports_no_torch() -> None:
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize("command", sorted(c for c in CONFIG_CLASSES if c != "bootstrap"))  # bootstrap: no YAML
+def test_each_config_yaml_lists_every_key_at_its_default(command: str) -> None:
+    import yaml
+
+    from dialogrl.config import load_config
+
+    cls = _config(command)
+    path = Path(__file__).parents[1] / "configs" / f"{command.replace('-', '_')}.yaml"
+    assert set(yaml.safe_load(path.read_text())) == {f.name for f in dataclasses.fields(cls) if f.init}
+    assert load_config(cls, path) == cls()
