@@ -259,6 +259,9 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     else:  # the recorded name and seed (compare pools seeds), checked before a model loads
         from dialogrl.policies.lm import run_dir_parts
 
+        if not Path(args.policy).exists():  # a mistyped scripted name reads better as one
+            raise DialogRLError(f"--policy {args.policy}: neither a scripted policy ({', '.join(SCRIPTED)}) nor a "
+                                "local run directory (Hugging Face Hub ids are never downloaded)")
         run = run_dir_parts(args.policy)[3]
     require_text_env(args.env, {"split": args.split, **_env_kwargs(args)})  # bad env options fail before a model loads
     policy = _load_policy(args.policy, args.seed, args.errors, decoding)
