@@ -14,7 +14,7 @@ from typing import Any
 import gymnasium as gym
 
 from dialogrl.config import check_at_least
-from dialogrl.evaluation import checked_env_kwargs, make_env
+from dialogrl.evaluation import make_env
 from dialogrl.rewards.combine import batched_reward
 
 
@@ -40,20 +40,24 @@ class TrainingEnvConfig:
         check_at_least(self, 1, "max_turns", "env_batch")
 
     def env_factory(self) -> Callable[[], gym.Env]:
-        """A constructor of the training environment; a bad id, reward spec or intent fails here, before any work."""
-        kwargs = checked_env_kwargs(self.env_id, "train", self.max_turns, self.rewards, self.intents,
-                                    self.scenario_files)
+        """A constructor of the training environment; a bad id, reward spec, intent or scenario file fails here
+        (one line, the env is built once), before any work."""
+        kwargs = {"split": "train", **self._tasks(), **({"reward": list(self.rewards)} if self.rewards else {})}
+        make_env(self.env_id, **kwargs).close()
         return lambda: make_env(self.env_id, **kwargs)
 
     def held_out_tasks(self) -> dict[str, Any]:
-        """What a run's own held-out evaluation plays: this env's tasks (intents, scenario files, turns) on the test
-        split, with the env's default reward mix as ``dialogrl eval`` reports it."""
-        kwargs: dict[str, Any] = {"max_turns": self.max_turns}
+        """What a run's own held-out evaluation plays (``evaluate_run`` keywords): the training env's tasks on the
+        test split, with the env's default reward mix as ``dialogrl eval`` reports it."""
+        return {"env_id": self.env_id, "env_kwargs": self._tasks()}
+
+    def _tasks(self) -> dict[str, Any]:
+        tasks: dict[str, Any] = {"max_turns": self.max_turns}
         if self.intents:
-            kwargs["intents"] = list(self.intents)
+            tasks["intents"] = list(self.intents)
         if self.scenario_files:
-            kwargs["scenario_files"] = list(self.scenario_files)
-        return {"env_id": self.env_id, "env_kwargs": kwargs}
+            tasks["scenario_files"] = list(self.scenario_files)
+        return tasks
 
 
 @dataclass

@@ -37,7 +37,7 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def default_of(field: dataclasses.Field) -> Any:
+def _default_of(field: dataclasses.Field) -> Any:
     if field.default is not dataclasses.MISSING:
         return field.default
     if field.default_factory is not dataclasses.MISSING:
@@ -56,7 +56,7 @@ def describe_config(cls: type, width: int = 100) -> str:
     for field in dataclasses.fields(cls):
         if not field.init:
             continue
-        default = default_of(field)
+        default = _default_of(field)
         shown = "required" if default is dataclasses.MISSING else f"= {_short(default)}"
         kind = annotation_name(hints.get(field.name, field.type))
         entries.append(f"  {field.name} ({kind}) {shown}")

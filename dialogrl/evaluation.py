@@ -52,21 +52,6 @@ def make_env(env_id: str, **kwargs: Any) -> gym.Env:
     return gym.make(env_id, disable_env_checker=True, **kwargs)
 
 
-def checked_env_kwargs(env_id: str, split: str, max_turns: int, rewards: Sequence[str] | None = None,
-                       intents: Sequence[str] | None = None,
-                       scenario_files: Sequence[str] | None = None) -> dict[str, Any]:
-    """Env kwargs from a training config's fields, checked once by building the env (fails fast, one line)."""
-    kwargs: dict[str, Any] = {"split": split, "max_turns": max_turns}
-    if rewards:
-        kwargs["reward"] = list(rewards)
-    if intents:
-        kwargs["intents"] = list(intents)
-    if scenario_files:
-        kwargs["scenario_files"] = list(scenario_files)
-    make_env(env_id, **kwargs).close()
-    return kwargs
-
-
 def run_episodes(
     env_fn: Callable[[], gym.Env], act: ActFn, seeds: Sequence[int], repeats: int = 1, batch_size: int = 32,
     keep_messages: bool = False,
