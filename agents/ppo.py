@@ -229,8 +229,13 @@ def ppo_backward(module: nn.Module, data: Prepared, idx: list[int], cfg: PPOConf
                  ) -> dict[str, float]:
     """Clipped policy loss + clipped value loss over the reply tokens of the samples ``idx``, back-propagated
     ``FORWARD_CHUNK`` episodes at a time (memory) with each part weighted by its share of the tokens, so the
-    accumulated gradient is that of the token mean over all of ``idx``."""
-    total = sum(len(data.samples[i].response_ids) for i in idx)
+    accumulated gradient is that of the token mean over all of ``idx``.
+
+    Under DDP each process holds part of the minibatch and the gradients are averaged over the processes, so
+    each divides by the minibatch's token count over all processes over their number: every token then weighs
+    the same as in one process (dividing by a process's own count would favour the one with fewer tokens)."""
+    local = torch.tensor(float(sum(len(data.samples[i].response_ids) for i in idx)), dtype=torch.float64)
+    total = float(accelerator.reduce(local, reduction="sum")) / accelerator.num_processes
     # Whole episodes per part (their turns share one forward pass), longest last turn last (less padding).
     episodes: dict[int, list[int]] = {}
     for i in idx:
@@ -241,25 +246,35 @@ def ppo_backward(module: nn.Module, data: Prepared, idx: list[int], cfg: PPOConf
               for start in range(0, len(ranked), FORWARD_CHUNK)]
     parts = {"pg_loss": 0.0, "vf_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0}
     for k, chunk in enumerate(chunks):
-        logp, values, _ = forward_samples(module, [data.samples[i] for i in chunk], cfg.temperature, grad=True)
-        old_logp = torch.cat([data.old_logp[i] for i in chunk])
-        old_v = torch.cat([data.old_values[i] for i in chunk])
-        adv = torch.cat([data.advantages[i] for i in chunk])
-        ret = torch.cat([data.returns[i] for i in chunk])
-        new_logp, new_v = torch.cat(logp), torch.cat(values)
-        ratio = torch.exp(new_logp - old_logp)
-        pg = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - cfg.clip_range, 1 + cfg.clip_range)).sum() / total
-        v_clipped = old_v + torch.clamp(new_v - old_v, -cfg.value_clip, cfg.value_clip)
-        vf = 0.5 * torch.max((new_v - ret) ** 2, (v_clipped - ret) ** 2).sum() / total
-        # Gradients are all-reduced once, after the last part (DDP); single-process no_sync does nothing.
+        # Gradients are all-reduced once, after the last part: DDP decides at the forward pass whether the
+        # backward syncs, so both run inside no_sync (which does nothing in one process).
         with accelerator.no_sync(module) if k < len(chunks) - 1 else nullcontext():
-            accelerator.backward(pg + cfg.vf_coef * vf)
+            part = _chunk_losses(module, data, chunk, cfg, total)
+            accelerator.backward(part[0] + cfg.vf_coef * part[1])
+        pg, vf, ratio, new_logp, old_logp = part
         parts["pg_loss"] += pg.item()
         parts["vf_loss"] += vf.item()
         parts["clipfrac"] += float(((ratio - 1).abs() > cfg.clip_range).float().sum()) / total
         log_ratio = (new_logp - old_logp).detach()
         parts["approx_kl"] += float((torch.expm1(log_ratio) - log_ratio).sum()) / total
     return parts
+
+
+def _chunk_losses(module: nn.Module, data: Prepared, chunk: list[int], cfg: PPOConfig, total: float
+                  ) -> tuple[torch.Tensor, ...]:
+    """The clipped policy and value losses of the samples ``chunk``, summed over their reply tokens and divided
+    by ``total``; with the ratios and log-probs behind them."""
+    logp, values, _ = forward_samples(module, [data.samples[i] for i in chunk], cfg.temperature, grad=True)
+    old_logp = torch.cat([data.old_logp[i] for i in chunk])
+    old_v = torch.cat([data.old_values[i] for i in chunk])
+    adv = torch.cat([data.advantages[i] for i in chunk])
+    ret = torch.cat([data.returns[i] for i in chunk])
+    new_logp, new_v = torch.cat(logp), torch.cat(values)
+    ratio = torch.exp(new_logp - old_logp)
+    pg = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - cfg.clip_range, 1 + cfg.clip_range)).sum() / total
+    v_clipped = old_v + torch.clamp(new_v - old_v, -cfg.value_clip, cfg.value_clip)
+    vf = 0.5 * torch.max((new_v - ret) ** 2, (v_clipped - ret) ** 2).sum() / total
+    return pg, vf, ratio, new_logp, old_logp
 
 
 def update(module: nn.Module, optimizer: Any, data: Prepared, cfg: PPOConfig, rng: np.random.Generator,

@@ -434,3 +434,58 @@ def test_average_last_keeps_the_mean_of_the_last_iterates(tiny_model_dir: Path, 
                                                       keep="average", average_last=3)))
     assert all(torch.allclose(resumed_mean[key], straight[key], atol=1e-6) for key in straight)
     assert not all(torch.allclose(straight[key], mean[key], atol=1e-6) for key in mean)  # 3 iterates, not 2
+
+
+class _Ranks:
+    """Enough of an ``accelerate.Accelerator`` to play one of ``n`` data-parallel processes in one process: its
+    reductions see ``others`` (the other processes' contributions) added, as an all-reduce would."""
+
+    def __init__(self, n: int, others: float = 0.0) -> None:
+        self.num_processes, self.others = n, others
+
+    def reduce(self, tensor: torch.Tensor, reduction: str) -> torch.Tensor:
+        assert reduction == "sum"
+        return tensor + self.others
+
+    def no_sync(self, module: torch.nn.Module) -> object:
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+
+def test_two_processes_weigh_every_token_as_one_process_does(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """DDP averages the processes' gradients, so splitting a minibatch over two processes must give one
+    process's gradient even when their shares hold different numbers of tokens."""
+    from dialogrl.agents.ppo import Prepared, ppo_backward
+    from dialogrl.agents.ppo_model import build_policy
+    from dialogrl.agents.rollouts import TurnSample
+
+    torch.manual_seed(0)
+    cfg = PPOConfig(model=str(tiny_model_dir), output_dir=str(tmp_path))
+    module, _ = build_policy(cfg, tiny_model_dir, None)
+    torch.nn.init.normal_(module.value_head.weight)
+    rng = np.random.default_rng(0)
+    lengths = [2, 3, 9, 14]  # reply tokens per episode: rank 0 gets 5, rank 1 gets 23
+    samples = [TurnSample(e, 0, rng.integers(10, 300, 12).tolist(), rng.integers(10, 300, n).tolist(), 1.0, True)
+               for e, n in enumerate(lengths)]
+
+    def noise(n: int, scale: float) -> torch.Tensor:
+        return torch.tensor(rng.normal(0, scale, n), dtype=torch.float32)
+
+    data = Prepared(samples, [noise(n, 1.0) - 3 for n in lengths], [noise(n, 0.5) for n in lengths],
+                    [noise(n, 1.0) for n in lengths], [noise(n, 1.0) for n in lengths], kl=0.0, entropy=0.0)
+
+    def gradient(parts: list[tuple[list[int], _Ranks]]) -> torch.Tensor:
+        module.zero_grad()
+        for idx, ranks in parts:
+            ppo_backward(module, data, idx, cfg, ranks)  # type: ignore[arg-type]
+        grads = [p.grad.flatten() for p in module.parameters() if p.grad is not None]
+        return torch.cat(grads) / parts[0][1].num_processes  # DDP's mean over the processes
+
+    one = gradient([([0, 1, 2, 3], _Ranks(1))])
+    two = gradient([([0, 1], _Ranks(2, others=23.0)), ([2, 3], _Ranks(2, others=5.0))])
+    assert one.abs().sum() > 0
+    assert torch.allclose(one, two, atol=1e-6, rtol=1e-4)
