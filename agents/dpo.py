@@ -67,6 +67,10 @@ class DPOConfig(TrainingEnvConfig):
     """Seeds scenario draws, state choice, sampling, LoRA initialisation and data order."""
     preference_file: str | None = None
     """A user's preference JSONL (``prompt``/``chosen``/``rejected``), trained on first as an offline round."""
+    system_prompt: str | None = None
+    """System prompt given to ``preference_file`` prompts that have none (null: leave them as they are). The
+    environment's conversations always start with its own (``dialogrl.envs.customer_service.SYSTEM_PROMPT``): give that to train
+    the file's pairs in the context the policy will act in."""
     rounds: int = 3
     """Online rounds of collect-then-train (0: only ``preference_file``)."""
     scenarios_per_round: int = 32
@@ -80,7 +84,8 @@ class DPOConfig(TrainingEnvConfig):
     continuation: str = "greedy"
     """How the current policy finishes a conversation after a candidate: ``greedy`` or ``sampled``."""
     margin: float = 0.25
-    """Keep a pair only if best and worst candidate returns differ by at least this much."""
+    """Keep a pair only if best and worst candidate returns differ by at least this much (and by more than 0:
+    tied candidates never make a pair)."""
     max_new_tokens: int = 64
     """Longest reply in tokens."""
     beta: float = 0.1
@@ -150,7 +155,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
 
     target = Path(cfg.output_dir)
     check_output_dir(target, cfg.overwrite, [cfg.preference_file, cfg.init_adapter])
-    file_pairs = load_preference_pairs(cfg.preference_file, system_prompt=None) if cfg.preference_file else None
+    file_pairs = load_preference_pairs(cfg.preference_file, system_prompt=cfg.system_prompt) if cfg.preference_file else None
     env_fn = cfg.env_factory()
     check_start(cfg)  # bad start weights or LoRA targets: one line, before anything is written
 

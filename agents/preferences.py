@@ -205,7 +205,7 @@ def collect_pairs(env_fn: Callable[[], gym.Env], seeds: Sequence[int], behaviour
             stats.distinct_states += 1
         ranked = sorted(((float(np.mean(v)), text) for text, v in scores.items() if text.strip()),
                         key=lambda x: x[0])
-        if len(ranked) < 2 or ranked[-1][0] - ranked[0][0] < margin:
+        if len(ranked) < 2 or not reaches_margin(ranked[-1][0], ranked[0][0], margin):
             continue
         (worst, rejected), (best, chosen) = ranked[0], ranked[-1]
         pairs.append({
@@ -218,6 +218,18 @@ def collect_pairs(env_fn: Callable[[], gym.Env], seeds: Sequence[int], behaviour
         stats.margins.append(best - worst)
     stats.pairs = len(pairs)
     return pairs, stats
+
+
+MARGIN_TOLERANCE = 1e-9
+"""Scores are sums of float rewards, so a gap of exactly the margin (one invalid action's 0.25) can come out a
+hair under it (0.7 - 0.45 = 0.24999999999999994): gaps within this of the margin count as reaching it."""
+
+
+def reaches_margin(best: float, worst: float, margin: float) -> bool:
+    """Whether two candidates' scores differ enough to make a pair: by ``margin`` at least, and by more than
+    nothing (a tie says neither reply is better, whatever the margin)."""
+    gap = best - worst
+    return gap > MARGIN_TOLERANCE and gap >= margin - MARGIN_TOLERANCE
 
 
 def write_pairs(pairs: Sequence[dict[str, Any]], path: str | Path) -> Path:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from dialogrl.agents.dpo import DPOConfig, fit_prompt, main_dpo, train_dpo
-from dialogrl.agents.preferences import Start, collect_pairs, play_from, write_pairs
+from dialogrl.agents.preferences import Start, collect_pairs, play_from, reaches_margin, write_pairs
 from dialogrl.data import load_preference_pairs
 from dialogrl.evaluation import make_env, scenario_seeds
 from dialogrl.policies.scripted import make_scripted
@@ -222,14 +222,36 @@ def test_broken_start_fails_before_writing(tiny_model_dir: Path, tmp_path: Path,
     assert not out.parent.exists()
 
 
-def test_offline_dpo_from_a_preference_file(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_offline_dpo_from_a_preference_file(tiny_model_dir: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import dialogrl.agents.dpo as dpo
+
+    trained_prompts: list[list[dict]] = []
+    train_round = dpo._train_round
+
+    def spy(cfg: DPOConfig, start_dir: Path, tokenizer: object, rows: list[dict], *args: object, **kw: object):
+        trained_prompts.extend(row["prompt"] for row in rows)
+        return train_round(cfg, start_dir, tokenizer, rows, *args, **kw)
+
+    monkeypatch.setattr(dpo, "_train_round", spy)
     rows = [{**GOOD, "prompt": [{"role": "user", "content": f"Where is my order A1000{i}?"}],
              "chosen": f"Let me check. [lookup_order order=A1000{i}]"} for i in range(6)]
+    rows[0]["prompt"] = [{"role": "system", "content": "Mine."}, *rows[0]["prompt"]]
     out = train_dpo(DPOConfig(model=str(tiny_model_dir), preference_file=str(_write(tmp_path / "p.jsonl", rows)),
                               rounds=0, output_dir=str(tmp_path / "offline"), learning_rate=3e-3, batch_size=3,
-                              eval_episodes=0))
+                              eval_episodes=0, system_prompt="Act in square brackets."))
+    # prompts without a system prompt get the configured one; a file's own is kept
+    assert [p[0]["content"] for p in trained_prompts] == ["Mine."] + ["Act in square brackets."] * 5
     run = json.loads((out / "run.json").read_text())
     (row,) = run["history"]
     assert row["round"] == "file" and row["pairs_trained"] == 6
     assert run["base_model"] == str(tiny_model_dir.resolve())  # no SFT adapter: the base itself is the reference
     assert row["dpo_accuracy_last"] > 0.5
+
+
+def test_a_gap_of_exactly_the_margin_makes_a_pair_and_a_tie_never_does() -> None:
+    assert 0.7 - 0.45 < 0.25  # float rounding: one invalid action's penalty, a hair short
+    assert reaches_margin(0.7, 0.45, 0.25)
+    assert not reaches_margin(0.7, 0.46, 0.25)
+    assert not reaches_margin(0.5, 0.5, 0.0)  # margin=0 still needs one reply to be better
+    assert reaches_margin(0.5, 0.4, 0.0)
