@@ -90,9 +90,13 @@ class PPOConfig(TrainingEnvConfig):
     """Per-token KL penalty to the reference policy (initial value when adaptive)."""
     kl_estimator: str = "k1"
     """Per-token KL estimate in the reward: ``k1`` = logp - ref_logp (negative on tokens the reference likes
-    more than the policy does); ``k3`` = r - 1 - log r with r = p_ref / p (never negative; Schulman 2020)."""
+    more than the policy does); ``k3`` = r - 1 - log r with r = p_ref / p (never negative; Schulman 2020). Both
+    estimate the KL without bias, but only k1 as a reward gives the KL's gradient in expectation: k3's drifts
+    from it as the policy leaves the reference."""
     adaptive_kl: bool = False
-    """Adapt kl_coef towards target_kl (Ziegler et al. 2019)."""
+    """Adapt kl_coef towards target_kl after every iteration: the proportional controller of Ziegler et al.
+    (2019), error clipped to +-20%, with gain 1 (theirs, n_steps/horizon, would move it by a fraction of a
+    percent per iteration, so not at all within a run of tens of iterations)."""
     target_kl: float = 0.05
     """Target mean per-token KL for the adaptive controller."""
     max_update_kl: float | None = None
@@ -110,7 +114,9 @@ class PPOConfig(TrainingEnvConfig):
     keep: str = "average"
     """The weights the run saves as its adapter (``checkpoint/`` always holds the last iterate, to train on from):
     ``average``, the mean of the last ``average_last`` iterates' trainable weights (LoRA and value head; tail
-    averaging, which smooths PPO's iterate-to-iterate swings); ``last``; ``best``, of the start and the iterates
+    averaging, which smooths PPO's iterate-to-iterate swings; each LoRA matrix is averaged on its own, as weight
+    averaging averages parameters, so the kept update B·A is the product of the means, near but not equal to
+    the mean of the iterates' updates); ``last``; ``best``, of the start and the iterates
     validated every ``validate_every`` iterations, the one with the highest greedy success on
     ``validation_episodes`` train-split customers (ties: the earlier; the test split is never looked at)."""
     average_last: int = 10
