@@ -82,8 +82,10 @@ class PPOConfig(TrainingEnvConfig):
     """Modules that get LoRA adapters: a list of names, or ``all-linear`` (every linear layer but the output head)."""
     clip_range: float = 0.2
     """PPO ratio clip."""
-    value_clip: float = 0.2
-    """Value prediction clip around the old value."""
+    value_clip: float | None = 0.2
+    """Value prediction clip around the old value, in return units (null: no clipping, as SB3's
+    ``clip_range_vf=None``). An absolute bound: where returns run far above 1 (a learned reward), it lets the
+    value head move only this far per iteration."""
     vf_coef: float = 0.5
     """Weight of the value loss."""
     kl_coef: float = 0.05
@@ -142,7 +144,9 @@ class PPOConfig(TrainingEnvConfig):
                        "validation_episodes")
         check_at_least(self, 0, "eval_episodes", "validation_seed")
         check_number(self, "temperature", "learning_rate", "max_grad_norm", above=0)
-        check_number(self, "clip_range", "value_clip", "vf_coef", "kl_coef", "target_kl", at_least=0)
+        check_number(self, "clip_range", "vf_coef", "kl_coef", "target_kl", at_least=0)
+        if self.value_clip is not None:  # 0 would freeze the value head at its start
+            check_number(self, "value_clip", above=0)
         if self.max_update_kl is not None:
             check_number(self, "max_update_kl", above=0)
         check_number(self, "gamma", "lam", at_least=0, at_most=1)
@@ -278,8 +282,11 @@ def _chunk_losses(module: nn.Module, data: Prepared, chunk: list[int], cfg: PPOC
     new_logp, new_v = torch.cat(logp), torch.cat(values)
     ratio = torch.exp(new_logp - old_logp)
     pg = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - cfg.clip_range, 1 + cfg.clip_range)).sum() / total
-    v_clipped = old_v + torch.clamp(new_v - old_v, -cfg.value_clip, cfg.value_clip)
-    vf = 0.5 * torch.max((new_v - ret) ** 2, (v_clipped - ret) ** 2).sum() / total
+    vf_each = (new_v - ret) ** 2
+    if cfg.value_clip is not None:
+        v_clipped = old_v + torch.clamp(new_v - old_v, -cfg.value_clip, cfg.value_clip)
+        vf_each = torch.max(vf_each, (v_clipped - ret) ** 2)
+    vf = 0.5 * vf_each.sum() / total
     return pg, vf, ratio, new_logp, old_logp
 
 

@@ -86,6 +86,7 @@ def test_kl_estimators_are_unbiased_and_k3_never_negative() -> None:
     (["kl_coef=nan"], "kl_coef=nan"),
     (["clip_range=-0.2"], "clip_range=-0.2"),
     (["value_clip=.inf"], "value_clip=inf"),
+    (["value_clip=0"], "value_clip=0.0: must be a finite number > 0"),
     (["vf_coef=-1"], "vf_coef=-1.0"),
     (["adaptive_kl=true", "target_kl=0"], "target_kl=0.0: must be a finite number > 0"),
     (["kl_estimator=k2"], "kl_estimator=k2: use one of k1, k3"),
@@ -489,3 +490,28 @@ def test_two_processes_weigh_every_token_as_one_process_does(tiny_model_dir: Pat
     two = gradient([([0, 1], _Ranks(2, others=23.0)), ([2, 3], _Ranks(2, others=5.0))])
     assert one.abs().sum() > 0
     assert torch.allclose(one, two, atol=1e-6, rtol=1e-4)
+
+
+def test_value_clip_null_lets_the_value_head_follow_returns_far_away(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """With returns far from the old values, the clipped value loss stops the value head once it has moved
+    value_clip from them; value_clip=None never does."""
+    from dialogrl.agents.ppo import Prepared, _chunk_losses
+    from dialogrl.agents.ppo_model import build_policy, forward_samples
+    from dialogrl.agents.rollouts import TurnSample
+
+    torch.manual_seed(0)
+    module, _ = build_policy(PPOConfig(model=str(tiny_model_dir), output_dir=str(tmp_path)), tiny_model_dir, None)
+    torch.nn.init.normal_(module.value_head.weight)
+    module.eval()
+    rng = np.random.default_rng(0)
+    samples = [TurnSample(0, 0, rng.integers(10, 300, 12).tolist(), rng.integers(10, 300, 6).tolist(), 1.0, True)]
+    logp, values, _ = forward_samples(module, samples, 1.0)
+    # the old values sit 1 above the current ones and the returns 5 below: past the clip, on the far side
+    data = Prepared(samples, logp, [values[0] + 1.0], [torch.zeros(6)], [values[0] - 5.0], kl=0.0, entropy=0.0)
+    grads = {}
+    for clip in (0.2, None):
+        module.zero_grad()
+        cfg = PPOConfig(model=str(tiny_model_dir), output_dir=str(tmp_path), value_clip=clip)
+        _chunk_losses(module, data, [0], cfg, 6.0)[1].backward()
+        grads[clip] = module.value_head.weight.grad.abs().sum()
+    assert grads[0.2] == 0 and grads[None] > 0
