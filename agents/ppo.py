@@ -85,7 +85,8 @@ class PPOConfig(TrainingEnvConfig):
     value_clip: float | None = 0.2
     """Value prediction clip around the old value, in return units (null: no clipping, as SB3's
     ``clip_range_vf=None``). An absolute bound: where returns run far above 1 (a learned reward), it lets the
-    value head move only this far per iteration."""
+    value head move only this far per iteration; yet the value head shares the policy's LoRA layers, and without
+    the clip PPO on the learned reward collapsed (docs/results.md)."""
     vf_coef: float = 0.5
     """Weight of the value loss."""
     kl_coef: float = 0.05
