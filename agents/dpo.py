@@ -35,7 +35,7 @@ import gymnasium as gym
 import numpy as np
 
 from dialogrl.agents.lora import check_lora_fields, lora_config
-from dialogrl.agents.preferences import collect_pairs, write_pairs
+from dialogrl.agents.preferences import PAIRS_PER_STATE, collect_pairs, write_pairs
 from dialogrl.agents.rollouts import TrainingEnvConfig
 from dialogrl.agents.trl_args import cpu_trainer_args
 from dialogrl.config import check_at_least, check_number, config_to_dict, dump_config, load_config
@@ -83,6 +83,9 @@ class DPOConfig(TrainingEnvConfig):
     """Sampling temperature of the rollouts and the candidates (and of the sampled evaluation)."""
     continuation: str = "greedy"
     """How the current policy finishes a conversation after a candidate: ``greedy`` or ``sampled``."""
+    pairs_per_state: str = "best_worst"
+    """Pairs a state's scored candidates make: ``best_worst``, one (its best and worst); ``all``, every two
+    whose scores differ by at least ``margin`` (more pairs from the same collection)."""
     margin: float = 0.25
     """Keep a pair only if best and worst candidate returns differ by at least this much (and by more than 0:
     tied candidates never make a pair)."""
@@ -127,6 +130,8 @@ class DPOConfig(TrainingEnvConfig):
                        "env_batch", "batch_size")
         check_number(self, "temperature", "beta", "learning_rate", "epochs", above=0)
         check_number(self, "margin", at_least=0)
+        if self.pairs_per_state not in PAIRS_PER_STATE:
+            raise DialogRLError(f"pairs_per_state={self.pairs_per_state}: use one of {', '.join(PAIRS_PER_STATE)}")
         check_at_least(self, 0, "max_length", "torch_threads", "eval_episodes")
         check_lora_fields(self)
         if self.loss_type not in LOSS_TYPES:
@@ -206,6 +211,7 @@ def _rounds(cfg: DPOConfig, start_dir: Path, tmp: Path, file_pairs: list[dict[st
         seeds = scenario_seeds(cfg.seed * 7919 + r, cfg.scenarios_per_round)
         pairs, stats = collect_pairs(env_fn, seeds, sampler, [sampler] * cfg.candidates, finisher,
                                      states_per_episode=cfg.states_per_episode, margin=cfg.margin,
+                                     pairs_per_state=cfg.pairs_per_state,
                                      seed=cfg.seed * 101 + r, batch_size=cfg.env_batch)
         row: dict[str, Any] = {"round": r, **stats.summary(), "pairs_trained": 0,
                                "collect_seconds": round(time.perf_counter() - started, 2)}

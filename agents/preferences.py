@@ -148,6 +148,20 @@ def rebuild_states(env_fn: Callable[[], gym.Env],
     return conversations, infos
 
 
+PAIRS_PER_STATE = ("best_worst", "all")
+"""How many pairs a state's scored candidates make (see :func:`collect_pairs`)."""
+MARGIN_TOLERANCE = 1e-9
+"""Scores are sums of float rewards, so a gap of exactly the margin (one invalid action's 0.25) can come out a
+hair under it (0.7 - 0.45 = 0.24999999999999994): gaps within this of the margin count as reaching it."""
+
+
+def reaches_margin(best: float, worst: float, margin: float) -> bool:
+    """Whether two candidates' scores differ enough to make a pair: by ``margin`` at least, and by more than
+    nothing (a tie says neither reply is better, whatever the margin)."""
+    gap = best - worst
+    return gap > MARGIN_TOLERANCE and gap >= margin - MARGIN_TOLERANCE
+
+
 def _propose(proposers: Sequence[Any], conversations: list[list[Message]],
              infos: list[dict[str, Any]]) -> list[list[str]]:
     """One reply per proposer per state; a proposer listed k times answers all its k * n requests in one call."""
@@ -166,8 +180,12 @@ def _propose(proposers: Sequence[Any], conversations: list[list[Message]],
 
 def collect_pairs(env_fn: Callable[[], gym.Env], seeds: Sequence[int], behaviour: Any, proposers: Sequence[Any],
                   continuation: Any, *, states_per_episode: int = 2, margin: float = 0.25, seed: int = 0,
-                  batch_size: int = 64) -> tuple[list[dict[str, Any]], PairStats]:
+                  batch_size: int = 64, pairs_per_state: str = "best_worst") -> tuple[list[dict[str, Any]], PairStats]:
     """Preference pairs from episodes of ``behaviour`` on ``seeds`` (see the module docstring).
+
+    ``pairs_per_state``: ``best_worst``, one pair per state, its best and worst candidates; ``all``, every two
+    distinct candidates of a state whose scores reach the margin (up to k(k-1)/2 for k candidates, from the same
+    scoring).
 
     Returns the pair rows (``prompt``, ``chosen``, ``rejected``, and metadata: ``scenario_seed``, ``turn``,
     ``intent``, ``persona``, ``chosen_return``, ``rejected_return``, ``return_margin``, ``candidates``) and stats.
@@ -177,6 +195,8 @@ def collect_pairs(env_fn: Callable[[], gym.Env], seeds: Sequence[int], behaviour
         raise DialogRLError(f"need at least 2 candidate replies per state, got {len(proposers)}")
     if states_per_episode < 1:
         raise DialogRLError(f"states_per_episode must be at least 1, got {states_per_episode}")
+    if pairs_per_state not in PAIRS_PER_STATE:
+        raise DialogRLError(f"pairs_per_state={pairs_per_state}: use one of {', '.join(PAIRS_PER_STATE)}")
     records = run_episodes(env_fn, text_policy_act(behaviour), list(seeds), batch_size=batch_size,
                            keep_messages=True)
     stats = PairStats(episodes=len(records), success=float(np.mean([r["success"] for r in records])),
@@ -205,31 +225,23 @@ def collect_pairs(env_fn: Callable[[], gym.Env], seeds: Sequence[int], behaviour
             stats.distinct_states += 1
         ranked = sorted(((float(np.mean(v)), text) for text, v in scores.items() if text.strip()),
                         key=lambda x: x[0])
-        if len(ranked) < 2 or not reaches_margin(ranked[-1][0], ranked[0][0], margin):
-            continue
-        (worst, rejected), (best, chosen) = ranked[0], ranked[-1]
-        pairs.append({
-            "prompt": conversations[n], "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}],
-            "scenario_seed": record["scenario_seed"], "turn": turn, "intent": record["intent"],
-            "persona": record["persona"], "chosen_return": best, "rejected_return": worst,
-            "return_margin": best - worst, "candidates": len(scores),
-        })
-        stats.margins.append(best - worst)
+        if pairs_per_state == "best_worst":
+            chosen_pairs = [(ranked[-1], ranked[0])] if len(ranked) > 1 else []
+        else:  # every two candidates, the better one chosen
+            chosen_pairs = [(ranked[j], ranked[i]) for i in range(len(ranked)) for j in range(i + 1, len(ranked))]
+        for (best, chosen), (worst, rejected) in chosen_pairs:
+            if not reaches_margin(best, worst, margin):
+                continue
+            pairs.append({
+                "prompt": conversations[n], "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+                "scenario_seed": record["scenario_seed"], "turn": turn, "intent": record["intent"],
+                "persona": record["persona"], "chosen_return": best, "rejected_return": worst,
+                "return_margin": best - worst, "candidates": len(scores),
+            })
+            stats.margins.append(best - worst)
     stats.pairs = len(pairs)
     return pairs, stats
-
-
-MARGIN_TOLERANCE = 1e-9
-"""Scores are sums of float rewards, so a gap of exactly the margin (one invalid action's 0.25) can come out a
-hair under it (0.7 - 0.45 = 0.24999999999999994): gaps within this of the margin count as reaching it."""
-
-
-def reaches_margin(best: float, worst: float, margin: float) -> bool:
-    """Whether two candidates' scores differ enough to make a pair: by ``margin`` at least, and by more than
-    nothing (a tie says neither reply is better, whatever the margin)."""
-    gap = best - worst
-    return gap > MARGIN_TOLERANCE and gap >= margin - MARGIN_TOLERANCE
 
 
 def write_pairs(pairs: Sequence[dict[str, Any]], path: str | Path) -> Path:

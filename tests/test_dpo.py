@@ -68,6 +68,29 @@ def test_collected_pairs_are_valid_replayable_and_load_back(tmp_path: Path) -> N
     assert [r["chosen"] for r in loaded] == [p["chosen"] for p in pairs]
 
 
+def test_all_pairs_per_state_adds_every_pair_that_reaches_the_margin() -> None:
+    env_fn = lambda: make_env("dialogrl/CustomerService-v0", split="train", max_turns=8)  # noqa: E731
+    proposers = [make_scripted("expert"), make_scripted("random", 1), make_scripted("random", 2),
+                 make_scripted("noisy", 3)]
+    kwargs = dict(states_per_episode=2, margin=0.2, seed=0)
+    one, _ = collect_pairs(env_fn, scenario_seeds(5, 16), make_scripted("historical"), proposers,
+                           make_scripted("expert"), **kwargs)
+    every, stats = collect_pairs(env_fn, scenario_seeds(5, 16), make_scripted("historical"), proposers,
+                                 make_scripted("expert"), pairs_per_state="all", **kwargs)
+    key = lambda p: (p["scenario_seed"], p["turn"], p["chosen"][0]["content"], p["rejected"][0]["content"])  # noqa: E731
+    assert {key(p) for p in one} < {key(p) for p in every}  # the best/worst pairs, and more
+    assert stats.pairs == len(every)
+    by_state: dict[tuple, list[dict]] = {}
+    for p in every:
+        assert p["return_margin"] >= 0.2 and p["chosen_return"] > p["rejected_return"]
+        by_state.setdefault((p["scenario_seed"], p["turn"]), []).append(p)
+    assert max(len(v) for v in by_state.values()) > 1
+    assert all(len(v) <= 6 for v in by_state.values())  # 4 candidates: at most 4 * 3 / 2 pairs
+    with pytest.raises(DialogRLError, match="pairs_per_state=some: use one of best_worst, all"):
+        collect_pairs(env_fn, [0], make_scripted("historical"), proposers, make_scripted("expert"),
+                      pairs_per_state="some")
+
+
 def test_fit_prompt_keeps_the_reply_and_drops_oldest_turns(tiny_model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -181,6 +204,7 @@ def test_bad_preference_file_fails_naming_file_and_row(tiny_model_dir: Path, tmp
     (["lora_r=0"], "lora_r=0: must be at least 1"),
     (["lora_alpha=-8"], "lora_alpha=-8: must be a finite number > 0"),
     (["margin=nan"], "margin=nan: must be a finite number >= 0"),
+    (["pairs_per_state=most"], "pairs_per_state=most: use one of best_worst, all"),
     (["eval_episodes=-1"], "eval_episodes=-1: must be at least 0"),
 ])
 def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, overrides: list[str], needle: str) -> None:
