@@ -29,8 +29,8 @@ def _tiny_job(tmp_path: Path, **overrides: object):
         sft=["max_steps=4", "eval_steps=2", "logging_steps=2"],
         ppo=["iterations=1", "episodes_per_iteration=8", "minibatch_episodes=8", "env_batch=8", "max_turns=3",
              "max_new_tokens=12"],
-        dpo=["rounds=1", "scenarios_per_round=4", "states_per_episode=1", "candidates=2", "max_turns=3",
-             "max_new_tokens=12", "margin=0.0"],
+        dpo=["rounds=1", "scenarios_per_round=8", "states_per_episode=2", "candidates=4", "max_turns=3",
+             "max_new_tokens=12", "margin=0.01"],  # tied candidates make no pair: enough of them to differ
         reward_model=["collect_episodes=8", "states_per_episode=1", "max_turns=3", "epochs=1", "eval_fraction=0.25"],
         methods=["sft", "sft-filtered", "ppo", "dpo", "ppo-rm", "sft-expert"], log_errors={"skip_verification": 1.0})
     for key, value in overrides.items():
