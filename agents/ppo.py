@@ -87,6 +87,9 @@ class PPOConfig(TrainingEnvConfig):
     ``clip_range_vf=None``). An absolute bound: where returns run far above 1 (a learned reward), it lets the
     value head move only this far per iteration; yet the value head shares the policy's LoRA layers, and without
     the clip PPO on the learned reward collapsed (docs/results.md)."""
+    value_detach: bool = False
+    """The value head reads the policy's last hidden state detached, so the value loss trains the value head
+    only (false: also the policy's LoRA layers, as a value head on a shared trunk does)."""
     vf_coef: float = 0.5
     """Weight of the value loss."""
     kl_coef: float = 0.05

@@ -26,18 +26,22 @@ FORWARD_CHUNK = 16
 class PolicyWithValue(nn.Module):
     """The LoRA policy and a linear value head on its last hidden state (one module, so DDP sees both)."""
 
-    def __init__(self, policy: nn.Module, hidden_size: int, pad_id: int) -> None:
+    def __init__(self, policy: nn.Module, hidden_size: int, pad_id: int, detach_values: bool = False) -> None:
         super().__init__()
         self.policy = policy
         self.value_head = nn.Linear(hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
         self.pad_id = pad_id
+        self.detach_values = detach_values  # the value loss then trains the value head only
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 with_values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=with_values)
-        values = self.value_head(out.hidden_states[-1]).squeeze(-1) if with_values else None
+        values = None
+        if with_values:
+            hidden = out.hidden_states[-1]
+            values = self.value_head(hidden.detach() if self.detach_values else hidden).squeeze(-1)
         return out.logits, values
 
     def sampler(self, tokenizer: Any, cfg: PPOConfig) -> Any:
@@ -214,7 +218,7 @@ def build_policy(cfg: PPOConfig, start_dir: Path, checkpoint: Path | None) -> tu
         lora = lora_config(model, cfg.lora_target_modules, r=cfg.lora_r, alpha=cfg.lora_alpha)
         policy = get_peft_model(model, lora)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    module = PolicyWithValue(policy, model.config.hidden_size, pad_id)
+    module = PolicyWithValue(policy, model.config.hidden_size, pad_id, detach_values=cfg.value_detach)
     if checkpoint is not None:
         module.value_head.load_state_dict(torch.load(checkpoint / "value_head.pt", weights_only=True))
     return module, tokenizer
@@ -248,7 +252,8 @@ RESUME_MAY_CHANGE = frozenset({"iterations", "checkpoint_every", "eval_episodes"
                                "keep", "average_last"})
 """PPOConfig fields a resumed run may set differently from the run that wrote the checkpoint."""
 ADDED_LATER = {"kl_estimator": "k1", "keep": "last", "average_last": 10, "validation_episodes": 128, "validate_every": 2,
-               "validation_seed": 1_000_000, "max_update_kl": None, "scenario_files": None}
+               "validation_seed": 1_000_000, "max_update_kl": None, "scenario_files": None,
+               "value_detach": False}
 """PPOConfig fields added after checkpoints were written, with the value those runs had."""
 RUN_FILES = frozenset({"base", "base.tmp", "checkpoint", "checkpoint.tmp", "checkpoint.old", "adapter", "value_head.pt",
                        "run.json", "config.yaml", "eval.json", "eval_sampled.json", "tensorboard"})

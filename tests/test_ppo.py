@@ -515,3 +515,24 @@ def test_value_clip_null_lets_the_value_head_follow_returns_far_away(tiny_model_
         _chunk_losses(module, data, [0], cfg, 6.0)[1].backward()
         grads[clip] = module.value_head.weight.grad.abs().sum()
     assert grads[0.2] == 0 and grads[None] > 0
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_value_detach_keeps_the_value_loss_out_of_the_policy(tiny_model_dir: Path, tmp_path: Path,
+                                                             detach: bool) -> None:
+    from dialogrl.agents.ppo import Prepared, _chunk_losses
+    from dialogrl.agents.ppo_model import build_policy
+    from dialogrl.agents.rollouts import TurnSample
+
+    torch.manual_seed(0)
+    cfg = PPOConfig(model=str(tiny_model_dir), output_dir=str(tmp_path), value_detach=detach)
+    module, _ = build_policy(cfg, tiny_model_dir, None)
+    torch.nn.init.normal_(module.value_head.weight)
+    rng = np.random.default_rng(0)
+    samples = [TurnSample(0, 0, rng.integers(10, 300, 12).tolist(), rng.integers(10, 300, 6).tolist(), 1.0, True)]
+    data = Prepared(samples, [torch.zeros(6)], [torch.zeros(6)], [torch.zeros(6)], [torch.full((6,), 3.0)],
+                    kl=0.0, entropy=0.0)
+    _chunk_losses(module, data, [0], cfg, 6.0)[1].backward()  # the value loss alone
+    lora = [p.grad for name, p in module.named_parameters() if "lora_" in name]
+    assert module.value_head.weight.grad.abs().sum() > 0
+    assert all(g is None or not g.any() for g in lora) == detach
