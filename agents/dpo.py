@@ -35,7 +35,7 @@ import gymnasium as gym
 import numpy as np
 
 from dialogrl.agents.lora import check_lora_fields, lora_config
-from dialogrl.agents.preferences import PAIRS_PER_STATE, collect_pairs, write_pairs
+from dialogrl.agents.preferences import check_pairs_per_state, collect_pairs, write_pairs
 from dialogrl.agents.rollouts import TrainingEnvConfig
 from dialogrl.agents.trl_args import cpu_trainer_args
 from dialogrl.config import check_at_least, check_number, config_to_dict, dump_config, load_config
@@ -69,8 +69,8 @@ class DPOConfig(TrainingEnvConfig):
     """A user's preference JSONL (``prompt``/``chosen``/``rejected``), trained on first as an offline round."""
     system_prompt: str | None = None
     """System prompt given to ``preference_file`` prompts that have none (null: leave them as they are). The
-    environment's conversations always start with its own (``dialogrl.envs.customer_service.SYSTEM_PROMPT``): give that to train
-    the file's pairs in the context the policy will act in."""
+    environment's conversations start with its own (``dialogrl.envs.customer_service.SYSTEM_PROMPT``): give
+    that to train the file's pairs in the context the policy will act in."""
     rounds: int = 3
     """Online rounds of collect-then-train (0: only ``preference_file``)."""
     scenarios_per_round: int = 32
@@ -130,8 +130,7 @@ class DPOConfig(TrainingEnvConfig):
                        "env_batch", "batch_size")
         check_number(self, "temperature", "beta", "learning_rate", "epochs", above=0)
         check_number(self, "margin", at_least=0)
-        if self.pairs_per_state not in PAIRS_PER_STATE:
-            raise DialogRLError(f"pairs_per_state={self.pairs_per_state}: use one of {', '.join(PAIRS_PER_STATE)}")
+        check_pairs_per_state(self.pairs_per_state)
         check_at_least(self, 0, "max_length", "torch_threads", "eval_episodes")
         check_lora_fields(self)
         if self.loss_type not in LOSS_TYPES:
@@ -160,7 +159,8 @@ def train_dpo(cfg: DPOConfig) -> Path:
 
     target = Path(cfg.output_dir)
     check_output_dir(target, cfg.overwrite, [cfg.preference_file, cfg.init_adapter])
-    file_pairs = load_preference_pairs(cfg.preference_file, system_prompt=cfg.system_prompt) if cfg.preference_file else None
+    file_pairs = (load_preference_pairs(cfg.preference_file, system_prompt=cfg.system_prompt)
+                  if cfg.preference_file else None)
     env_fn = cfg.env_factory()
     check_start(cfg)  # bad start weights or LoRA targets: one line, before anything is written
 

@@ -85,8 +85,8 @@ class PPOConfig(TrainingEnvConfig):
     value_clip: float | None = 0.2
     """Value prediction clip around the old value, in return units (null: no clipping, as SB3's
     ``clip_range_vf=None``). An absolute bound: where returns run far above 1 (a learned reward), it lets the
-    value head move only this far per iteration; yet the value head shares the policy's LoRA layers, and without
-    the clip PPO on the learned reward collapsed (docs/results.md)."""
+    value head move only this far per iteration; yet with the value head on the policy's LoRA layers (without
+    ``value_detach``), PPO on the learned reward collapsed without the clip (docs/results.md)."""
     value_detach: bool = False
     """The value head reads the policy's last hidden state detached, so the value loss trains the value head
     only (false: also the policy's LoRA layers, as a value head on a shared trunk does)."""

@@ -155,6 +155,11 @@ MARGIN_TOLERANCE = 1e-9
 hair under it (0.7 - 0.45 = 0.24999999999999994): gaps within this of the margin count as reaching it."""
 
 
+def check_pairs_per_state(value: str) -> None:
+    if value not in PAIRS_PER_STATE:
+        raise DialogRLError(f"pairs_per_state={value}: use one of {', '.join(PAIRS_PER_STATE)}")
+
+
 def reaches_margin(best: float, worst: float, margin: float) -> bool:
     """Whether two candidates' scores differ enough to make a pair: by ``margin`` at least, and by more than
     nothing (a tie says neither reply is better, whatever the margin)."""
@@ -195,8 +200,7 @@ def collect_pairs(env_fn: Callable[[], gym.Env], seeds: Sequence[int], behaviour
         raise DialogRLError(f"need at least 2 candidate replies per state, got {len(proposers)}")
     if states_per_episode < 1:
         raise DialogRLError(f"states_per_episode must be at least 1, got {states_per_episode}")
-    if pairs_per_state not in PAIRS_PER_STATE:
-        raise DialogRLError(f"pairs_per_state={pairs_per_state}: use one of {', '.join(PAIRS_PER_STATE)}")
+    check_pairs_per_state(pairs_per_state)
     records = run_episodes(env_fn, text_policy_act(behaviour), list(seeds), batch_size=batch_size,
                            keep_messages=True)
     stats = PairStats(episodes=len(records), success=float(np.mean([r["success"] for r in records])),
