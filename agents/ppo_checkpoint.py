@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     import gymnasium as gym
 
-    from dialogrl.agents.ppo import PPOConfig
+    from dialogrl.agents.ppo_config import PPOConfig
     from dialogrl.agents.ppo_model import PolicyWithValue
 
 KEEP = ("last", "average", "best")

@@ -16,7 +16,7 @@ from dialogrl.rewards.reward_model import ENV_PATHS
 from dialogrl.types import DialogRLError
 
 if TYPE_CHECKING:
-    from dialogrl.agents.ppo import PPOConfig
+    from dialogrl.agents.ppo_config import PPOConfig
     from dialogrl.agents.rollouts import TurnSample
 
 FORWARD_CHUNK = 16
