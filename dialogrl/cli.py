@@ -21,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 CONFIG_CLASSES = {
-    "sft": "dialogrl.agents.sft:SFTConfig", "ppo": "dialogrl.agents.ppo:PPOConfig",
+    "sft": "dialogrl.agents.sft:SFTConfig", "ppo": "dialogrl.agents.ppo_config:PPOConfig",
     "dpo": "dialogrl.agents.dpo:DPOConfig", "reward-model": "dialogrl.agents.reward_model_train:RewardModelConfig",
     "quickstart": "dialogrl.quickstart:QuickstartConfig", "bootstrap": "dialogrl.policies.bootstrap:BootstrapConfig",
     "sb3": "dialogrl.agents.sb3:SB3Config",
