@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dialogrl.report import compare, format_table, load_eval
-from dialogrl.stats import paired_bootstrap_ci, pass_hat_k, wilson_interval
+from dialogrl.stats import paired_bootstrap_ci, pass_hat_k, runs_and_scenarios_bootstrap_ci, wilson_interval
 from dialogrl.types import DialogRLError
 
 
@@ -82,6 +82,53 @@ def test_pass_hat_k_hand_computed() -> None:
     assert lo == 0.0 and hi == pytest.approx(0.161, abs=1e-3)
 
 
+def test_resampling_runs_holds_the_spread_between_training_seeds() -> None:
+    # Every scenario alike within a run, runs differ: pooling scenarios sees no spread at all, resampling runs
+    # does. Three runs at 0, 0, 1: a draw of three runs has mean 0 with chance 8/27 and 1 with chance 1/27.
+    a, b = np.array([[0.0] * 50, [0.0] * 50, [1.0] * 50]), np.zeros((3, 50))
+    pooled = paired_bootstrap_ci(a.mean(axis=0), b.mean(axis=0))
+    assert pooled["low"] == pytest.approx(1 / 3) and pooled["high"] == pytest.approx(1 / 3)
+    ci = runs_and_scenarios_bootstrap_ci(a, b, paired_runs=False, n_boot=4000)
+    assert ci["mean_diff"] == pytest.approx(1 / 3) and (ci["low"], ci["high"]) == (0.0, 1.0)
+    assert ci == runs_and_scenarios_bootstrap_ci(a, b, paired_runs=False, n_boot=4000)  # seeded
+
+
+def test_paired_runs_cancel_what_the_two_methods_share() -> None:
+    # Method a is run r of method b plus 0.1 on every scenario (as PPO seed s starts from SFT seed s), while
+    # the runs themselves differ a lot: paired draws see exactly +0.1, unpaired ones the runs' spread.
+    rng = np.random.default_rng(5)
+    b = rng.random((3, 80)) * 0.2 + np.array([[0.0], [0.5], [0.8]])
+    paired = runs_and_scenarios_bootstrap_ci(b + 0.1, b, paired_runs=True, n_boot=2000)
+    assert paired["low"] == pytest.approx(0.1) and paired["high"] == pytest.approx(0.1)
+    unpaired = runs_and_scenarios_bootstrap_ci(b + 0.1, b, paired_runs=False, n_boot=2000)
+    assert unpaired["low"] < -0.2 and unpaired["high"] > 0.4
+    # independent episodes, no run effect: wider than the pooled CI (each episode counted at both levels)
+    x, y = rng.random((3, 400)) < 0.6, rng.random((3, 400)) < 0.5
+    pooled = paired_bootstrap_ci(x.mean(axis=0), y.mean(axis=0), n_boot=4000)
+    both = runs_and_scenarios_bootstrap_ci(x, y, paired_runs=True, n_boot=4000)
+    ratio = (both["high"] - both["low"]) / (pooled["high"] - pooled["low"])
+    assert 1.05 < ratio < 1.8
+    for bad in ((np.zeros((2, 5)), np.zeros((3, 5)), True), (np.zeros((2, 5)), np.zeros((2, 4)), False)):
+        with pytest.raises(ValueError):
+            runs_and_scenarios_bootstrap_ci(*bad)
+
+
+def test_compare_resamples_training_seeds_when_both_sides_have_several(tmp_path: Path) -> None:
+    # Seed 0 of ppo gains everywhere, seed 1 nowhere: the pooled CI is well above 0, the runs-resampled CI is not.
+    paths = [_eval(tmp_path / f"sft{t}.json", "sft", {s: [s % 2 == 0] for s in range(60)}, training_seed=t)
+             for t in (0, 1)]
+    paths += [_eval(tmp_path / "ppo0.json", "ppo", {s: [True] for s in range(60)}, training_seed=0),
+              _eval(tmp_path / "ppo1.json", "ppo", {s: [s % 2 == 0] for s in range(60)}, training_seed=1)]
+    vs = compare(paths, "sft", tmp_path / "out", n_boot=2000)["methods"]["ppo"]["vs_baseline"]
+    assert vs["success_rate"]["mean_diff"] == pytest.approx(0.25) and vs["success_rate"]["low"] > 0.1
+    runs = vs["success_rate_runs_resampled"]
+    assert runs["paired_runs"] and runs["runs"] == [2, 2] and runs["mean_diff"] == pytest.approx(0.25)
+    # a quarter of the draws take seed 1 twice (difference 0 on every scenario), a quarter seed 0 twice (0.5, plus
+    # the scenarios' noise): the CI runs from 0 to beyond 0.5
+    assert runs["low"] == 0.0 and runs["high"] > 0.5 > vs["success_rate"]["high"] + 0.1
+    assert "seeds and scenarios" in (tmp_path / "out" / "report.md").read_text()
+
+
 def _eval(path: Path, method: str, successes: dict[int, list[bool]], training_seed: int | None = 0,
           decoding: str = "greedy", bonus: float = 0.0, turns: int = 3, **extra: object) -> Path:
     records = [{"scenario_seed": s, "repeat": i, "intent": "refund", "persona": "vague" if s % 2 else "cooperative",
@@ -110,6 +157,7 @@ def test_compare_pools_seeds_pairs_on_shared_scenarios_and_writes_files(tmp_path
     expected = np.mean(per_scenario) - np.mean([s % 4 == 0 for s in range(40)])
     assert vs["success"]["mean_diff"] == pytest.approx(expected)
     assert vs["success"]["low"] > 0
+    assert "success_rate_runs_resampled" not in vs  # one baseline run: no spread between its seeds to resample
     # the method's own rate: per scenario over both seeds (40..49 only from seed 1), then over its 50 scenarios
     own = per_scenario + [float(s % 2 == 0) for s in range(40, 50)]
     assert ppo["scenarios"] == 50 and ppo["episodes"] == 80
