@@ -13,7 +13,7 @@ from typing import Any
 
 import gymnasium as gym
 
-from dialogrl.config import check_at_least
+from dialogrl.config import check_at_least, check_number
 from dialogrl.evaluation import make_env
 from dialogrl.rewards.combine import batched_reward
 
@@ -35,14 +35,19 @@ class TrainingEnvConfig:
     """Agent turns per conversation."""
     env_batch: int = 64
     """Environments stepped side by side (conversations answered per generate call; per process under torchrun)."""
+    opening_word_dropout: float = 0.0
+    """Training augmentation: each word of the customer's opening request is left out with this chance (slot values
+    never), so the policy meets requests it cannot read at once; held-out evaluation always plays them whole."""
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "max_turns", "env_batch")
+        check_number(self, "opening_word_dropout", at_least=0, below=1)
 
     def env_factory(self) -> Callable[[], gym.Env]:
         """A constructor of the training environment; a bad id, reward spec, intent or scenario file fails here
         (one line, the env is built once), before any work."""
-        kwargs = {"split": "train", **self._tasks(), **({"reward": list(self.rewards)} if self.rewards else {})}
+        kwargs = {"split": "train", **self._tasks(), **({"reward": list(self.rewards)} if self.rewards else {}),
+                  **({"opening_word_dropout": self.opening_word_dropout} if self.opening_word_dropout else {})}
         make_env(self.env_id, **kwargs).close()
         return lambda: make_env(self.env_id, **kwargs)
 

@@ -69,7 +69,9 @@ class CustomerServiceEnv(gym.Env[str, str]):
     ## Arguments
     ``split`` ("train" | "test"), ``intents`` (names to keep), ``personas`` (names to keep),
     ``scenario_files`` (extra scenario YAML paths), ``reward``, ``max_turns``, ``obs_chars``, ``render_mode``
-    ("ansi" returns the transcript).
+    ("ansi" returns the transcript), ``opening_word_dropout`` (a training augmentation, default 0: each word of
+    the opening's request template is left out with this chance, slot values never, from a random stream of its
+    own, so the world, the customer's later draws and an opening kept whole are what they are without it).
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
@@ -84,6 +86,7 @@ class CustomerServiceEnv(gym.Env[str, str]):
         max_turns: int = 12,
         obs_chars: int = 4096,
         render_mode: str | None = None,
+        opening_word_dropout: float = 0.0,
     ) -> None:
         from dialogrl.rewards import RewardCombiner  # rewards import the env's types only
 
@@ -95,6 +98,9 @@ class CustomerServiceEnv(gym.Env[str, str]):
             raise DialogRLError(f"max_turns must be at least 1, got {max_turns}")
         if obs_chars < 1:
             raise DialogRLError(f"obs_chars must be at least 1, got {obs_chars}")
+        if not 0 <= opening_word_dropout < 1:  # also refuses NaN
+            raise DialogRLError(f"opening_word_dropout must be in [0, 1), got {opening_word_dropout}")
+        self.opening_word_dropout = float(opening_word_dropout)
         self.split, self.max_turns, self.obs_chars, self.render_mode = split, max_turns, obs_chars, render_mode
         self.scenarios = _select_scenarios(intents, scenario_files)
         mix = customer_config()["persona_mix"][split]
@@ -118,12 +124,15 @@ class CustomerServiceEnv(gym.Env[str, str]):
         super().reset(seed=seed)
         # Mix the split into the draw: the same seed must not give the same world relabelled in both splits.
         # EpisodeRandom: the draws of np.random.default_rng(same seed), several times cheaper per call.
-        rng = EpisodeRandom([int(self.np_random.integers(2**63)), SPLITS.index(self.split)])
+        key = [int(self.np_random.integers(2**63)), SPLITS.index(self.split)]
+        rng = EpisodeRandom(key)
         self.scenario: Scenario = self.scenarios[int(rng.integers(len(self.scenarios)))]
         names = list(self.persona_mix)
         persona = customer_config()["personas"][names[weighted_index(rng, tuple(self.persona_mix.values()))]]
         self.db, self.goal, me = sample_world(rng, self.scenario, self.split)
         self.customer = SimulatedCustomer(rng, self.scenario, self.goal, persona, self.split)
+        if self.opening_word_dropout:
+            self.customer.drop_words(EpisodeRandom([*key, 1]), self.opening_word_dropout)
         self.messages = [{"role": "system", "content": SYSTEM_PROMPT},
                          {"role": "user", "content": self.customer.opening()}]
         self._obs_text, self._obs_seen = "", 0  # the observation text, extended as messages are added

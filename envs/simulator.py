@@ -83,6 +83,13 @@ class SimulatedCustomer:
         self.wasted = 0
         self.satisfied = False
         self.left = False
+        self._drop: tuple[Draws, float] | None = None
+
+    def drop_words(self, rng: Draws, rate: float) -> None:
+        """Leave each word of the opening's request template out with chance ``rate`` (training augmentation).
+
+        ``rng`` is a stream of its own: the episode's stream draws exactly what it would without it."""
+        self._drop = (rng, rate)
 
     def _say(self, key: str, **values: str) -> str:
         template = _garble(self.rng, self.phrases[key][int(self.rng.integers(len(self.phrases[key])))],
@@ -99,6 +106,11 @@ class SimulatedCustomer:
         if isinstance(question, list):  # several phrasings of the question (one string draws nothing)
             question = question[int(self.rng.integers(len(question)))]
         text = _garble(self.rng, templates[int(self.rng.integers(len(templates)))], self.persona.typo_rate)
+        if self._drop is not None:  # after the typos, whose draws depend on the words
+            rng, rate = self._drop
+            words = text.split(" ")
+            kept = [w for w in words if "{" in w or rng.random() >= rate]
+            text = " ".join(kept) if any("{" not in w for w in kept) else text  # never an empty request
         parts = [text.format_map(_Blank(self.goal.slots, question=question))]
         if self.goal.slots.get("product"):
             self.given.add("product")

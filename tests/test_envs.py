@@ -92,6 +92,7 @@ BAD_ARGUMENTS = [
     ({"intents": ["no_such_intent"]}, "no_such_intent"), ({"personas": ["no_such_persona"]}, "no_such_persona"),
     ({"reward": "no_such_reward"}, "no_such_reward"), ({"intents": []}, "no scenarios"),
     ({"personas": []}, "persona"), ({"obs_chars": 0}, "obs_chars"),
+    ({"opening_word_dropout": 1.0}, "opening_word_dropout"), ({"opening_word_dropout": float("nan")}, "nan"),
 ]
 
 
