@@ -208,12 +208,22 @@ def _method_block(name: str, evals: list[dict[str, Any]], table: dict[int, dict[
     return block
 
 
-def _success_by_run(evals: list[dict[str, Any]], shared: list[int]) -> np.ndarray | None:
-    """(runs, shared scenarios) success, repeats averaged, runs in training-seed order; None if a run lacks one."""
+def _runs(evals: list[dict[str, Any]]) -> dict[Any, list[dict[str, Any]]]:
+    """Records by training run: the files of one training seed are one run (e.g. its evaluation split in parts);
+    a file without a seed is a run of its own."""
+    runs: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for i, e in enumerate(evals):
+        seed = e.get("training_seed")
+        runs[("seed", seed) if seed is not None else ("file", i)] += e["records"]
+    return dict(sorted(runs.items(), key=lambda kv: (kv[0][0] == "file", kv[0][1])))
+
+
+def _success_by_run(runs: dict[Any, list[dict[str, Any]]], shared: list[int]) -> np.ndarray | None:
+    """(runs, shared scenarios) success, each run's repeats of a scenario averaged; None if a run lacks one."""
     rows = []
-    for e in sorted(evals, key=lambda e: (e.get("training_seed") is None, e.get("training_seed") or 0)):
+    for records in runs.values():
         by: dict[int, list[bool]] = defaultdict(list)
-        for r in e["records"]:
+        for r in records:
             by[int(r["scenario_seed"])].append(bool(r["success"]))
         if any(s not in by for s in shared):
             return None
@@ -224,14 +234,15 @@ def _success_by_run(evals: list[dict[str, Any]], shared: list[int]) -> np.ndarra
 def _success_over_runs(evals: list[dict[str, Any]], base_evals: list[dict[str, Any]], shared: list[int],
                        n_boot: int, seed: int) -> dict[str, Any] | None:
     """The success difference with training runs resampled too, when both sides have two runs or more (each
-    covering every shared scenario); runs are paired when both sides have the same training seeds."""
-    if len(evals) < 2 or len(base_evals) < 2:
+    covering every shared scenario); runs are paired when both sides have the same training seeds. Each run's
+    repeats are averaged before runs are, so with unequal repeats its mean can differ from the pooled one."""
+    runs_a, runs_b = _runs(evals), _runs(base_evals)
+    if len(runs_a) < 2 or len(runs_b) < 2:
         return None
-    a, b = _success_by_run(evals, shared), _success_by_run(base_evals, shared)
+    a, b = _success_by_run(runs_a, shared), _success_by_run(runs_b, shared)
     if a is None or b is None:
         return None
-    seeds_a, seeds_b = ([e.get("training_seed") for e in es] for es in (evals, base_evals))
-    paired = None not in seeds_a and sorted(seeds_a) == sorted(seeds_b) and len(set(seeds_a)) == len(seeds_a)
+    paired = list(runs_a) == list(runs_b) and all(kind == "seed" for kind, _ in runs_a)
     return runs_and_scenarios_bootstrap_ci(a, b, paired, n_boot=n_boot, seed=seed)
 
 

@@ -46,8 +46,9 @@ def runs_and_scenarios_bootstrap_ci(a: np.ndarray, b: np.ndarray, paired_runs: b
     methods when ``paired_runs``: run ``r`` of one started from run ``r`` of the other), then scenarios, so the
     interval also holds the spread between training seeds that :func:`paired_bootstrap_ci` over pooled scenarios
     leaves out. Two-level resampling is conservative: each episode's own noise is counted at both levels, so even
-    when the runs agree the interval is wider than the pooled one (about 1.3x for three runs of independent
-    episodes). With few runs it is also coarse: three runs make ten distinct draws. Written by hand, as above.
+    when the runs agree the interval is wider than the pooled one (for R runs of independent episodes, by
+    sqrt((3R - 2) / R) in expectation: about 1.5x for three). With few runs it is also coarse: three runs make
+    ten distinct draws. Written by hand, as above.
     """
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or 0 in a.shape or 0 in b.shape:

@@ -98,8 +98,8 @@ class CustomerServiceEnv(gym.Env[str, str]):
             raise DialogRLError(f"max_turns must be at least 1, got {max_turns}")
         if obs_chars < 1:
             raise DialogRLError(f"obs_chars must be at least 1, got {obs_chars}")
-        if not 0 <= opening_word_dropout < 1:  # also refuses NaN
-            raise DialogRLError(f"opening_word_dropout must be in [0, 1), got {opening_word_dropout}")
+        if not isinstance(opening_word_dropout, int | float) or not 0 <= opening_word_dropout < 1:  # and NaN
+            raise DialogRLError(f"opening_word_dropout must be a number in [0, 1), got {opening_word_dropout!r}")
         self.opening_word_dropout = float(opening_word_dropout)
         self.split, self.max_turns, self.obs_chars, self.render_mode = split, max_turns, obs_chars, render_mode
         self.scenarios = _select_scenarios(intents, scenario_files)

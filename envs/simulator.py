@@ -109,8 +109,11 @@ class SimulatedCustomer:
         if self._drop is not None:  # after the typos, whose draws depend on the words
             rng, rate = self._drop
             words = text.split(" ")
-            kept = [w for w in words if "{" in w or rng.random() >= rate]
-            text = " ".join(kept) if any("{" not in w for w in kept) else text  # never an empty request
+            keep = ["{" in w or rng.random() >= rate for w in words]
+            plain = [i for i, w in enumerate(words) if "{" not in w]
+            if plain and not any(keep[i] for i in plain):  # never a request of slot values alone: one word stays
+                keep[plain[int(rng.integers(len(plain)))]] = True
+            text = " ".join(w for w, k in zip(words, keep, strict=True) if k)
         parts = [text.format_map(_Blank(self.goal.slots, question=question))]
         if self.goal.slots.get("product"):
             self.given.add("product")

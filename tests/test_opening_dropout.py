@@ -48,3 +48,14 @@ def test_training_envs_get_it_and_the_held_out_evaluation_does_not() -> None:
     for bad in (-0.1, 1.0, float("inf")):
         with pytest.raises(DialogRLError, match="opening_word_dropout"):
             TrainingEnvConfig(opening_word_dropout=bad)
+
+
+def test_a_request_never_loses_every_word() -> None:
+    # vague customers tell no slot upfront, so the opening is the request template alone (with any slot in it)
+    env = gym.make("dialogrl/CustomerService-v0", split="train", personas=["vague"], opening_word_dropout=0.999)
+    whole = gym.make("dialogrl/CustomerService-v0", split="train", personas=["vague"])
+    for seed in range(20):
+        words = env.reset(seed=seed)[1]["messages"][1]["content"].split(" ")
+        full = whole.reset(seed=seed)[1]["messages"][1]["content"].split(" ")
+        # nearly every word goes, but one that is not a slot value stays
+        assert len(words) < len(full) and [w for w in words if w and not re.search(r"\d", w)]
