@@ -49,6 +49,11 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{m['mean_turns']:7.2f}{m['violation_rate']:11.3f}{m['invalid_action_rate']:9.3f}"
                      f"{m['mean_reply_chars']:12.1f}"
                      + (f"{m['kl_to_reference']:8.3f}" if "kl_to_reference" in m else f"{'—':>8s}"))
+    over_runs = [f"{name} {_ci(m['vs_baseline']['success_rate_runs_resampled'])}" for name, m in report["methods"].items()
+                 if "success_rate_runs_resampled" in m.get("vs_baseline", {})]
+    if over_runs:  # the diff CI above resamples scenarios only
+        lines.append(f"diff vs {report['baseline']} with the training seeds resampled too [95% CI, conservative]: "
+                     + "; ".join(over_runs))
     return "\n".join(lines)
 
 

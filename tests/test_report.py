@@ -130,6 +130,7 @@ def test_compare_resamples_training_seeds_when_both_sides_have_several(tmp_path:
     # the scenarios' noise): the CI runs from 0 to beyond 0.5
     assert runs["low"] == 0.0 and runs["high"] > 0.5 > vs["success_rate"]["high"] + 0.1
     assert "seeds and scenarios" in (tmp_path / "out" / "report.md").read_text()
+    assert "training seeds resampled too" in format_table(compare(paths, "sft", tmp_path / "out", n_boot=200))
 
 
 def test_runs_are_paired_by_training_seed_whatever_the_file_order(tmp_path: Path) -> None:
