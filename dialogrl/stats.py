@@ -64,8 +64,8 @@ def runs_and_scenarios_bootstrap_ci(a: np.ndarray, b: np.ndarray, paired_runs: b
 
     def run_means(values: np.ndarray, picks: np.ndarray) -> np.ndarray:
         # (rows, runs) draws -> each resample's mean over its drawn runs, per scenario: (rows, n)
-        counts = np.stack([np.bincount(p, minlength=len(values)) for p in picks]) / picks.shape[1]
-        return counts @ values
+        weights = (picks[:, :, None] == np.arange(len(values))).mean(axis=1)
+        return weights @ values
 
     rows, means = max(1, _CHUNK // (n * max(a.shape[0], b.shape[0]))), []
     for start in range(0, n_boot, rows):

@@ -130,9 +130,8 @@ class CustomerServiceEnv(gym.Env[str, str]):
         names = list(self.persona_mix)
         persona = customer_config()["personas"][names[weighted_index(rng, tuple(self.persona_mix.values()))]]
         self.db, self.goal, me = sample_world(rng, self.scenario, self.split)
-        self.customer = SimulatedCustomer(rng, self.scenario, self.goal, persona, self.split)
-        if self.opening_word_dropout:
-            self.customer.drop_words(EpisodeRandom([*key, 1]), self.opening_word_dropout)
+        drop = (EpisodeRandom([*key, 1]), self.opening_word_dropout) if self.opening_word_dropout else None
+        self.customer = SimulatedCustomer(rng, self.scenario, self.goal, persona, self.split, drop)
         self.messages = [{"role": "system", "content": SYSTEM_PROMPT},
                          {"role": "user", "content": self.customer.opening()}]
         self._obs_text, self._obs_seen = "", 0  # the observation text, extended as messages are added

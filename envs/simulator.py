@@ -75,7 +75,10 @@ def _garble(rng: Draws, text: str, rate: float) -> str:
 class SimulatedCustomer:
     """One customer for one episode; every random choice comes from the episode's generator."""
 
-    def __init__(self, rng: Draws, scenario: Scenario, goal: Goal, persona: Persona, split: str) -> None:
+    def __init__(self, rng: Draws, scenario: Scenario, goal: Goal, persona: Persona, split: str,
+                 drop: tuple[Draws, float] | None = None) -> None:
+        """``drop``: (a random stream of its own, a chance) to leave each word of the opening's request template
+        out (a training augmentation); its own stream, so the episode's draws are what they are without it."""
         self.rng, self.scenario, self.goal, self.persona = rng, scenario, goal, persona
         self.phrases: dict[str, Any] = customer_config()["phrases"][split]
         self.split = split
@@ -83,13 +86,7 @@ class SimulatedCustomer:
         self.wasted = 0
         self.satisfied = False
         self.left = False
-        self._drop: tuple[Draws, float] | None = None
-
-    def drop_words(self, rng: Draws, rate: float) -> None:
-        """Leave each word of the opening's request template out with chance ``rate`` (training augmentation).
-
-        ``rng`` is a stream of its own: the episode's stream draws exactly what it would without it."""
-        self._drop = (rng, rate)
+        self.drop = drop
 
     def _say(self, key: str, **values: str) -> str:
         template = _garble(self.rng, self.phrases[key][int(self.rng.integers(len(self.phrases[key])))],
@@ -106,8 +103,8 @@ class SimulatedCustomer:
         if isinstance(question, list):  # several phrasings of the question (one string draws nothing)
             question = question[int(self.rng.integers(len(question)))]
         text = _garble(self.rng, templates[int(self.rng.integers(len(templates)))], self.persona.typo_rate)
-        if self._drop is not None:  # after the typos, whose draws depend on the words
-            rng, rate = self._drop
+        if self.drop is not None:  # after the typos, whose draws depend on the words
+            rng, rate = self.drop
             words = text.split(" ")
             keep = ["{" in w or rng.random() >= rate for w in words]
             plain = [i for i, w in enumerate(words) if "{" not in w]
