@@ -29,8 +29,6 @@ if TYPE_CHECKING:
     from dialogrl.agents.ppo_config import PPOConfig
     from dialogrl.agents.ppo_model import PolicyWithValue
 
-KEEP = ("last", "average", "best")
-"""What ``PPOConfig.keep`` may name."""
 SNAPSHOTS = ("best", "weight_sum")
 """Trainable weights a checkpoint may hold besides the current ones: the best validated iterate, and the sum of
 the iterates being averaged (``<name>.safetensors``)."""

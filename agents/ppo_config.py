@@ -8,10 +8,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from dialogrl.agents.lora import check_lora_fields
-from dialogrl.agents.ppo_checkpoint import KEEP
 from dialogrl.agents.rollouts import TrainingEnvConfig
 from dialogrl.config import check_at_least, check_number
 from dialogrl.types import DialogRLError
+
+KEEP = ("last", "average", "best")
+"""What ``PPOConfig.keep`` may name (defined here so that reading a config does not import torch)."""
 
 KL_ESTIMATORS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "k1": lambda log_ratio: log_ratio,

@@ -6,10 +6,14 @@ import os
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from dialogrl.types import Message
+
+if TYPE_CHECKING:
+    from dialogrl.agents.ppo_config import PPOConfig
 
 # Tests use tiny models, which run fastest on one thread; on a busy machine more threads can be 10-40x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -79,3 +83,37 @@ def tiny_gpt2_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+BREVITY_MODULE = '''
+def brevity(t):
+    """+1 for an empty reply, falling with every character: a behaviour RL must learn, and candidates of
+    different lengths get different returns."""
+    return 1.0 - min(len(t.reply), 200) / 100
+'''
+
+
+@pytest.fixture()
+def brevity_reward(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A user's reward function in a module of its own, importable here and in subprocesses (``module:name``)."""
+    (tmp_path / "brevity_test_rewards.py").write_text(BREVITY_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    return "brevity_test_rewards:brevity"
+
+
+def _small_ppo_config(model: Path, out: Path, reward: str, **overrides: object) -> PPOConfig:
+    from dialogrl.agents.ppo_config import PPOConfig
+
+    base = dict(model=str(model), output_dir=str(out), iterations=6, episodes_per_iteration=16,
+                minibatch_episodes=8, ppo_epochs=2, rewards=[reward], intents=["order_status"], max_turns=2,
+                max_new_tokens=24, learning_rate=2e-3, kl_coef=0.0, eval_episodes=0, checkpoint_every=1,
+                env_batch=16)
+    base.update(overrides)
+    return PPOConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def ppo_config() -> Callable[..., PPOConfig]:
+    """A PPO config small enough to train in seconds: ``ppo_config(model, out, reward, **overrides)``."""
+    return _small_ppo_config

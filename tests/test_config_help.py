@@ -56,8 +56,9 @@ def test_command_help_lists_keys_defaults_and_docs(capsys: pytest.CaptureFixture
     assert "  max_update_kl (float | None) = None" in out
 
 
-def test_top_level_help_imports_no_torch() -> None:
-    code = ("import sys\nfrom dialogrl.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+@pytest.mark.parametrize("args", [["--help"], *([c, "--help"] for c in sorted(CONFIG_CLASSES))])
+def test_help_imports_no_torch(args: list[str]) -> None:
+    code = (f"import sys\nfrom dialogrl.cli import main\ntry:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False"

@@ -18,12 +18,6 @@ from dialogrl.evaluation import make_env, scenario_seeds
 from dialogrl.policies.scripted import make_scripted
 from dialogrl.types import DialogRLError
 
-REWARD_MODULE = '''
-def brevity(t):
-    """Shorter replies earn more: candidates of different lengths get different returns."""
-    return 1.0 - min(len(t.reply), 200) / 100
-'''
-
 
 class Recording:
     """Wraps a policy and records the size of every act_batch call."""
@@ -104,13 +98,6 @@ def test_fit_prompt_keeps_the_reply_and_drops_oldest_turns(tiny_model_dir: Path)
     text = tok.apply_chat_template(cut + answer[0], tokenize=False)
     assert len(tok(text, add_special_tokens=False)["input_ids"]) <= 120
     assert fit_prompt(tok, prompt, answer, 5) is None
-
-
-@pytest.fixture()
-def brevity_reward(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    (tmp_path / "dpo_test_rewards.py").write_text(REWARD_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return "dpo_test_rewards:brevity"
 
 
 @pytest.fixture()
