@@ -38,7 +38,14 @@ from dialogrl.agents.lora import check_lora_fields, lora_config
 from dialogrl.agents.preferences import check_pairs_per_state, collect_pairs, write_pairs
 from dialogrl.agents.rollouts import TrainingEnvConfig
 from dialogrl.agents.trl_args import cpu_trainer_args
-from dialogrl.config import check_at_least, check_number, config_to_dict, dump_config, load_config
+from dialogrl.config import (
+    check_at_least,
+    check_number,
+    check_seeds,
+    config_to_dict,
+    dump_config,
+    load_config,
+)
 from dialogrl.data import load_preference_pairs
 from dialogrl.evaluation import scenario_seeds
 from dialogrl.outputs import check_output_dir, replace_dir, temp_dir_beside
@@ -132,6 +139,7 @@ class DPOConfig(TrainingEnvConfig):
         check_number(self, "margin", at_least=0)
         check_pairs_per_state(self.pairs_per_state)
         check_at_least(self, 0, "max_length", "torch_threads", "eval_episodes")
+        check_seeds(self, "seed", "eval_seed")
         check_lora_fields(self)
         if self.loss_type not in LOSS_TYPES:
             why = ("needs label_smoothing > 0, which dialogrl dpo does not set" if self.loss_type == "exo_pair"

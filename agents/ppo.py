@@ -7,7 +7,9 @@ TRL removed its PPOTrainer in 1.13, so the loop is written here, top to bottom:
 2. Each iteration plays whole conversations in batched environments (``agents.rollouts.collect``).
 3. A forward pass gives old log-probs and values; the adapter-disabled pass gives reference log-probs.
 4. Per token reward = -kl_coef * KL estimate (k1: logp - ref_logp), plus the env reward on the turn's last token.
-   GAE runs over the episode's reply tokens, across turns, so credit reaches the turn that earned it.
+   GAE runs over the episode's reply tokens, across turns, so credit reaches the turn that earned it. With
+   ``group_size`` > 1 each customer is played several times and a token's advantage is its reward-to-go minus
+   the mean return of the customer's other plays instead (no value estimate).
 5. Clipped policy and value losses, minibatch epochs over episodes, gradient clipping.
 6. The run saves the weights ``keep`` names: by default the mean of the last 10 iterates (``agents.ppo_checkpoint``).
 
@@ -58,6 +60,27 @@ def gae(rewards: np.ndarray, values: np.ndarray, gamma: float, lam: float) -> np
     return advantages
 
 
+def leave_one_out(rewards: dict[int, np.ndarray], group_size: int, gamma: float) -> dict[int, np.ndarray]:
+    """Per episode, each token's reward-to-go minus the mean return of the other episodes of its group (episodes
+    ``g * group_size`` to ``(g + 1) * group_size - 1`` played the same customer): RLOO's baseline, which needs no
+    value estimate. Written here because TRL's RLOO trainer scores single replies, not conversations."""
+    to_go = {e: gae(r, np.zeros_like(r), gamma, 1.0) for e, r in rewards.items()}
+    start = {e: float(g[0]) if len(g) else 0.0 for e, g in to_go.items()}
+    out: dict[int, np.ndarray] = {}
+    for e, g in to_go.items():
+        first = e - e % group_size
+        others = [start[o] for o in range(first, first + group_size) if o != e and o in start]
+        out[e] = g - (float(np.mean(others)) if others else 0.0)
+    return out
+
+
+def iteration_seeds(cfg: PPOConfig, it: int, rank: int, n_proc: int) -> list[int]:
+    """This process's training customers in iteration ``it``: whole groups of ``group_size`` plays of one
+    scenario seed, so a group's baseline never needs another process's episodes."""
+    customers = scenario_seeds(cfg.seed * 7919 + it, cfg.episodes_per_iteration // cfg.group_size)
+    return [seed for seed in customers[rank::n_proc] for _ in range(cfg.group_size)]
+
+
 @dataclass
 class Prepared:
     """One iteration's training data on this process, token-aligned per sample."""
@@ -71,11 +94,10 @@ class Prepared:
     entropy: float
 
 
-
-
 @torch.no_grad()
 def prepare(module: PolicyWithValue, batch: RolloutBatch, cfg: PPOConfig, kl_coef: float, accelerator: Any) -> Prepared:
-    """Old log-probs, values, reference log-probs, KL-shaped rewards and whitened GAE advantages."""
+    """Old log-probs, values, reference log-probs, KL-shaped rewards and whitened advantages (GAE, or
+    leave-one-out with ``group_size`` > 1)."""
     module.eval()
     old_logp, values, entropy = forward_samples(module, batch.samples, cfg.temperature)
     with module.policy.disable_adapter():
@@ -86,7 +108,8 @@ def prepare(module: PolicyWithValue, batch: RolloutBatch, cfg: PPOConfig, kl_coe
     advantages: list[np.ndarray] = [np.zeros(0)] * len(batch.samples)
     returns: list[np.ndarray] = [np.zeros(0)] * len(batch.samples)
     kl_sum, tokens = 0.0, 0
-    for indices in by_episode.values():
+    shaped: dict[int, np.ndarray] = {}  # per episode, its reply tokens' rewards across turns
+    for episode, indices in by_episode.items():
         indices.sort(key=lambda i: batch.samples[i].turn)
         kl = [KL_ESTIMATORS[cfg.kl_estimator]((old_logp[i] - ref_logp[i]).numpy()) for i in indices]
         rewards = [-kl_coef * k for k in kl]
@@ -95,12 +118,19 @@ def prepare(module: PolicyWithValue, batch: RolloutBatch, cfg: PPOConfig, kl_coe
                 r[-1] += batch.samples[i].reward
         kl_sum += float(sum(k.sum() for k in kl))
         tokens += sum(len(k) for k in kl)
+        shaped[episode] = np.concatenate(rewards)
+    grouped = leave_one_out(shaped, cfg.group_size, cfg.gamma) if cfg.group_size > 1 else {}
+    for episode, indices in by_episode.items():
         flat_v = np.concatenate([values[i].numpy() for i in indices])
-        adv = gae(np.concatenate(rewards), flat_v, cfg.gamma, cfg.lam)
+        if grouped:  # the value head's target is then the reward-to-go (its loss is logged, not trained on)
+            adv, ret = grouped[episode], gae(shaped[episode], np.zeros_like(flat_v), cfg.gamma, 1.0)
+        else:
+            adv = gae(shaped[episode], flat_v, cfg.gamma, cfg.lam)
+            ret = adv + flat_v
         offset = 0
         for i in indices:
             n = len(batch.samples[i].response_ids)
-            advantages[i], returns[i] = adv[offset:offset + n], adv[offset:offset + n] + flat_v[offset:offset + n]
+            advantages[i], returns[i] = adv[offset:offset + n], ret[offset:offset + n]
             offset += n
     # Whiten with statistics over all processes, so 1 and 2 processes train the same way.
     flat = np.concatenate(advantages) if advantages else np.zeros(1)
@@ -139,7 +169,9 @@ def ppo_backward(module: nn.Module, data: Prepared, idx: list[int], cfg: PPOConf
         # backward syncs, so both run inside no_sync (which does nothing in one process).
         with accelerator.no_sync(module) if k < len(chunks) - 1 else nullcontext():
             part = _chunk_losses(module, data, chunk, cfg, total)
-            accelerator.backward(part[0] + cfg.vf_coef * part[1])
+            # With a group baseline the value head is unused; its loss stays in the graph at weight 0 (DDP
+            # expects a gradient for every parameter).
+            accelerator.backward(part[0] + (cfg.vf_coef if cfg.group_size == 1 else 0.0) * part[1])
         pg, vf, ratio, new_logp, old_logp = part
         parts["pg_loss"] += pg.item()
         parts["vf_loss"] += vf.item()
@@ -240,7 +272,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
                    initial=state["iteration"], total=cfg.iterations, desc="ppo")
         for it in bar:
             torch.manual_seed(cfg.seed * 100_003 + it * 101 + rank)
-            seeds = scenario_seeds(cfg.seed * 7919 + it, cfg.episodes_per_iteration)[rank::n_proc]
+            seeds = iteration_seeds(cfg, it, rank, n_proc)
             inner.eval()
             batch = collect(inner.sampler(tokenizer, cfg), env_fn, seeds, cfg.env_batch)
             data = prepare(inner, batch, cfg, state["kl_coef"], accelerator)

@@ -9,7 +9,7 @@ import numpy as np
 
 from dialogrl.agents.lora import check_lora_fields
 from dialogrl.agents.rollouts import TrainingEnvConfig
-from dialogrl.config import check_at_least, check_number
+from dialogrl.config import check_at_least, check_number, check_seeds
 from dialogrl.types import DialogRLError
 
 KEEP = ("last", "average", "best")
@@ -40,6 +40,11 @@ class PPOConfig(TrainingEnvConfig):
     """Conversations played per iteration (over all processes)."""
     minibatch_episodes: int = 16
     """Episodes per gradient step (over all processes); must divide episodes_per_iteration."""
+    group_size: int = 1
+    """Episodes per training customer: each iteration plays ``episodes_per_iteration / group_size`` customers
+    that many times each. Above 1, a token's advantage is its reward-to-go minus the mean return of the same
+    customer's other episodes (RLOO's leave-one-out baseline) and the value loss is left out; 1: GAE on the
+    value head's estimates."""
     ppo_epochs: int = 2
     """Passes over each iteration's data."""
     temperature: float = 1.0
@@ -117,12 +122,13 @@ class PPOConfig(TrainingEnvConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_at_least(self, 1, "iterations", "episodes_per_iteration", "minibatch_episodes", "ppo_epochs",
-                       "max_new_tokens", "checkpoint_every", "validate_every", "average_last",
+        check_at_least(self, 1, "iterations", "episodes_per_iteration", "minibatch_episodes", "group_size",
+                       "ppo_epochs", "max_new_tokens", "checkpoint_every", "validate_every", "average_last",
                        "validation_episodes")
-        check_at_least(self, 0, "eval_episodes", "validation_seed")
-        check_number(self, "temperature", "learning_rate", "max_grad_norm", above=0)
-        check_number(self, "clip_range", "vf_coef", "kl_coef", "target_kl", at_least=0)
+        check_at_least(self, 0, "eval_episodes")
+        check_seeds(self, "seed", "eval_seed", "validation_seed")
+        check_number(self, "temperature", "learning_rate", "max_grad_norm", "clip_range", above=0)
+        check_number(self, "vf_coef", "kl_coef", "target_kl", at_least=0)
         if self.value_clip is not None:  # 0 would freeze the value head at its start
             check_number(self, "value_clip", above=0)
         if self.max_update_kl is not None:
@@ -135,6 +141,9 @@ class PPOConfig(TrainingEnvConfig):
             check_number(self, "target_kl", above=0)
         if self.keep not in KEEP:
             raise DialogRLError(f"keep={self.keep}: use one of {', '.join(KEEP)}")
+        if self.episodes_per_iteration % self.group_size:
+            raise DialogRLError(f"group_size={self.group_size}: must divide "
+                                f"episodes_per_iteration={self.episodes_per_iteration}")
         if self.episodes_per_iteration % self.minibatch_episodes:
             raise DialogRLError(f"minibatch_episodes={self.minibatch_episodes}: must divide "
                                 f"episodes_per_iteration={self.episodes_per_iteration}")

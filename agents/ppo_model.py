@@ -253,7 +253,8 @@ RESUME_MAY_CHANGE = frozenset({"iterations", "checkpoint_every", "eval_episodes"
 """PPOConfig fields a resumed run may set differently from the run that wrote the checkpoint."""
 ADDED_LATER = {"kl_estimator": "k1", "keep": "last", "average_last": 10, "validation_episodes": 128, "validate_every": 2,
                "validation_seed": 1_000_000, "max_update_kl": None, "scenario_files": None,
-               "value_detach": False, "opening_word_dropout": 0.0}
+               "value_detach": False, "opening_word_dropout": 0.0,
+               "group_size": 1}
 """PPOConfig fields added after checkpoints were written, with the value those runs had."""
 RUN_FILES = frozenset({"base", "base.tmp", "checkpoint", "checkpoint.tmp", "checkpoint.old", "adapter", "value_head.pt",
                        "run.json", "config.yaml", "eval.json", "eval_sampled.json", "tensorboard"})

@@ -30,7 +30,14 @@ from dialogrl.agents.lora import check_lora_fields, lora_config
 from dialogrl.agents.preferences import collect_pairs, write_pairs
 from dialogrl.agents.rollouts import TrainingEnvConfig
 from dialogrl.agents.trl_args import cpu_trainer_args
-from dialogrl.config import check_at_least, check_number, config_to_dict, dump_config, load_config
+from dialogrl.config import (
+    check_at_least,
+    check_number,
+    check_seeds,
+    config_to_dict,
+    dump_config,
+    load_config,
+)
 from dialogrl.data import load_preference_pairs
 from dialogrl.evaluation import scenario_seeds
 from dialogrl.outputs import check_output_dir, replace_dir, temp_dir_beside
@@ -97,8 +104,18 @@ class RewardModelConfig(TrainingEnvConfig):
         check_number(self, "margin", "center_rewards_coefficient", at_least=0)
         if self.collect_episodes and len(self.proposers) < 2:
             raise DialogRLError(f"proposers needs at least 2 entries, got {self.proposers}")
+        if self.collect_episodes:  # before the model loads and the env plays
+            from dialogrl.policies.scripted import SCRIPTED
+
+            named = [("behaviour", self.behaviour), *((f"proposers[{i}]", p) for i, p in enumerate(self.proposers)),
+                     ("continuation", self.continuation)]
+            for key, spec in named:
+                if spec not in SCRIPTED and not Path(str(spec)).is_dir():
+                    raise DialogRLError(f"{key}={spec}: neither a scripted policy ({', '.join(SCRIPTED)}) nor a "
+                                        "run directory")
         check_at_least(self, 1, "batch_size", "states_per_episode", "max_turns", "env_batch")
         check_number(self, "learning_rate", "epochs", above=0)
+        check_seeds(self, "seed")
         check_lora_fields(self)
 
     @property

@@ -19,6 +19,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from dialogrl.config import check_number, check_seeds
 from dialogrl.evaluation import ActFn, evaluate, make_env, write_json
 from dialogrl.outputs import check_output_dir, replace_dir, temp_dir_beside
 from dialogrl.types import DialogRLError
@@ -128,9 +129,12 @@ class SB3Config:
         for name in ("split", "eval_split"):
             if getattr(self, name) not in ("train", "test"):
                 raise DialogRLError(f"sb3 config: {name} must be 'train' or 'test', got '{getattr(self, name)}'")
-        for name in ("seed", "eval_seed"):
-            if getattr(self, name) < 0:
-                raise DialogRLError(f"sb3 config: {name} must be zero or positive, got {getattr(self, name)}")
+        check_seeds(self, "seed", "eval_seed")
+        check_number(self, "clip_range", "exploration_fraction", above=0, at_most=1)
+        check_number(self, "gae_lambda", "exploration_final_eps", at_least=0, at_most=1)
+        check_number(self, "ent_coef", "progress_bonus", at_least=0)
+        if not self.net_arch or min(self.net_arch) < 1:
+            raise DialogRLError(f"net_arch={self.net_arch}: needs one or more layer sizes, each at least 1")
         if not str(self.out).strip() or Path(self.out).name in ("", ".", ".."):
             raise DialogRLError(f"sb3 config: out must name a folder (e.g. runs/sb3), got {str(self.out)!r}")
 
@@ -300,7 +304,7 @@ def train_sb3(config: SB3Config) -> dict[str, Any]:
     from dialogrl.config import dump_config
 
     out = Path(config.out)
-    check_output_dir(out, config.overwrite, marker=RUN_FILES)  # before minutes of training
+    check_output_dir(out, config.overwrite, marker=RUN_FILES, key="out")  # before minutes of training
     model, stats = train_model(config)
     result = evaluate_model(model, config)
     tmp = temp_dir_beside(out)
@@ -309,7 +313,7 @@ def train_sb3(config: SB3Config) -> dict[str, Any]:
         write_json(result, tmp / "eval.json")
         write_json(stats, tmp / "train.json")
         dump_config(config, tmp / "config.yaml")
-        replace_dir(tmp, out, config.overwrite, marker=RUN_FILES)
+        replace_dir(tmp, out, config.overwrite, marker=RUN_FILES, key="out")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -330,8 +334,8 @@ def load_model(out: str | Path) -> Any:
     return {"ppo": PPO, "dqn": DQN}[algo].load(folder / "model.zip", device="cpu")
 
 
-def main_sb3(algo: str = "ppo", timesteps: int | None = None, out: str | Path | None = None, seed: int | None = None,
-             config_path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict[str, Any]:
+def main_sb3(algo: str | None = None, timesteps: int | None = None, out: str | Path | None = None,
+             seed: int | None = None, config_path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict[str, Any]:
     """``dialogrl sb3``: config (file or defaults) + flags + ``key=value`` overrides -> train, evaluate, save.
 
     Also scores random acts on the same test seeds and prints both success rates in one line.
@@ -339,6 +343,10 @@ def main_sb3(algo: str = "ppo", timesteps: int | None = None, out: str | Path | 
     from dialogrl.config import load_config
 
     flags = {"algo": algo, "timesteps": timesteps, "out": out, "seed": seed}
+    for item in overrides:  # an override after the flag would win silently
+        key = item.partition("=")[0].strip()
+        if flags.get(key) is not None:
+            raise DialogRLError(f"{item}: --{key} already sets {key}; give it once")
     cfg = load_config(SB3Config, config_path, [*(f"{k}={v}" for k, v in flags.items() if v is not None),
                                                *overrides])
     result = train_sb3(cfg)

@@ -23,7 +23,7 @@ from typing import Any
 from dialogrl.agents.lora import check_lora_fields, lora_config
 from dialogrl.agents.trl_args import cpu_trainer_args
 from dialogrl.agents.versions import package_versions
-from dialogrl.config import check_number, config_to_dict, dump_config, load_config
+from dialogrl.config import check_number, check_seeds, config_to_dict, dump_config, load_config
 from dialogrl.data import DEFAULT_SYSTEM_PROMPT, filter_success, load_conversations
 from dialogrl.outputs import check_output_dir, replace_dir, temp_dir_beside
 from dialogrl.policies.lm import model_context
@@ -117,6 +117,9 @@ class SFTConfig:
             raise DialogRLError(f"early_stopping_patience must be >= 0, got {self.early_stopping_patience}")
         check_number(self, "learning_rate", above=0)
         check_number(self, "weight_decay", at_least=0)
+        check_seeds(self, "seed")
+        if not self.train_files or not all(str(f).strip() for f in self.train_files):
+            raise DialogRLError(f"train_file={json.dumps(self.train_file)}: name one or more JSONL files")
         if self.neftune_noise_alpha is not None:
             check_number(self, "neftune_noise_alpha", above=0)
         if self.max_steps == -1:  # else max_steps decides and the epochs are not read

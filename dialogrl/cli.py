@@ -92,17 +92,17 @@ def _out_path(text: str) -> Path:
     return Path(text)
 
 
-def check_out_file(path: Path) -> None:
-    """Fail before any work when ``--out`` cannot become a file: one line naming the user's path."""
+def check_out_file(path: Path, flag: str = "--out", example: str = "eval.json") -> None:
+    """Fail before any work when the file option ``flag`` cannot become a file: one line naming the user's path."""
     if path.is_dir():
-        raise DialogRLError(f"--out {path}: is a directory; give a file path, e.g. {path / 'eval.json'}")
+        raise DialogRLError(f"{flag} {path}: is a directory; give a file path, e.g. {path / example}")
     folder = path.parent
     while not folder.exists() and folder != folder.parent:  # the nearest existing folder; the rest is created
         folder = folder.parent
     if not folder.is_dir():
-        raise DialogRLError(f"--out {path}: {folder} is not a directory")
+        raise DialogRLError(f"{flag} {path}: {folder} is not a directory")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise DialogRLError(f"--out {path}: cannot write in {folder} (permission denied)")
+        raise DialogRLError(f"{flag} {path}: cannot write in {folder} (permission denied)")
 
 
 def _env_args(p: argparse.ArgumentParser, split: str) -> None:
@@ -160,11 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
 
     p = _config_command(sub, "sb3", "train stable-baselines3 on the dialogue-act env and evaluate it")
-    p.add_argument("--algo", default="ppo", choices=["ppo", "dqn"])
+    p.add_argument("--algo", choices=["ppo", "dqn"], help="default: ppo")
     p.add_argument("--timesteps", type=_count,
                    help="default: configs/sb3.yaml; rounded up to whole rollouts (PPO collects n_envs * n_steps = "
                         "512 steps per rollout by default, DQN n_envs per step), and the run prints the steps taken")
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--seed", type=_seed, help="default: 0")
     p.add_argument("--out", required=True, type=_out_path,
                    help="output folder; an existing one is refused unless overwrite=true and it holds an earlier "
                         "sb3 run")
@@ -230,7 +230,7 @@ def _cmd_logs(args: argparse.Namespace) -> None:
     from dialogrl.data import write_logs
     from dialogrl.evaluation import make_env, require_text_env, run_episodes, scenario_seeds, text_policy_act
 
-    check_out_file(args.out)
+    check_out_file(args.out, example="logs.jsonl")
     policy = _load_policy(args.policy, args.seed, args.errors)
     kwargs = {"split": args.split, **_env_kwargs(args)}
     require_text_env(args.env, kwargs)
@@ -245,9 +245,10 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from dialogrl.evaluation import evaluate, require_text_env, write_json
     from dialogrl.policies.scripted import SCRIPTED
 
-    for path in (args.out, args.transcripts):
+    for path, flag, example in ((args.out, "--out", "eval.json"), (args.transcripts, "--transcripts",
+                                                                    "transcripts.jsonl")):
         if path is not None:
-            check_out_file(path)
+            check_out_file(path, flag, example)
     if args.out is not None and args.out == args.transcripts:
         raise DialogRLError(f"--out and --transcripts are the same file: {args.out}")
     scripted = args.policy in SCRIPTED
@@ -259,9 +260,13 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     else:  # the recorded name and seed (compare pools seeds), checked before a model loads
         from dialogrl.policies.lm import run_dir_parts
 
+        names = ", ".join(SCRIPTED)
+        if Path(args.policy).is_file():
+            raise DialogRLError(f"--policy {args.policy}: a file; give a run directory (run.json, adapter/) or a "
+                                f"scripted policy ({names})")
         if not Path(args.policy).exists():  # a mistyped scripted name reads better as one
-            raise DialogRLError(f"--policy {args.policy}: neither a scripted policy ({', '.join(SCRIPTED)}) nor a "
-                                "local run directory (Hugging Face Hub ids are never downloaded)")
+            raise DialogRLError(f"--policy {args.policy}: neither a scripted policy ({names}) nor a local run "
+                                "directory (Hugging Face Hub ids are never downloaded)")
         run = run_dir_parts(args.policy)[3]
     require_text_env(args.env, {"split": args.split, **_env_kwargs(args)})  # bad env options fail before a model loads
     policy = _load_policy(args.policy, args.seed, args.errors, decoding)
@@ -314,15 +319,39 @@ def _cmd_bootstrap(args: argparse.Namespace) -> None:
     import shutil
 
     from dialogrl.config import load_config
+    from dialogrl.outputs import temp_dir_beside
     from dialogrl.policies.bootstrap import BootstrapConfig, cached_base_model
     from dialogrl.policies.corpus import CORPUS_VERSION, domain_corpus
 
     cfg = load_config(BootstrapConfig, None, args.overrides)
+    if args.out:
+        _check_model_copy_target(args.out, None)  # before a build of minutes
     path = cached_base_model(cfg, lambda: domain_corpus(cfg.corpus_episodes, cfg.seed), corpus_version=CORPUS_VERSION)
     if args.out:
-        shutil.copytree(path, args.out, dirs_exist_ok=True)
+        names = {p.name for p in path.iterdir()}
+        _check_model_copy_target(args.out, names)
+        tmp = temp_dir_beside(args.out)
+        try:
+            shutil.copytree(path, tmp, dirs_exist_ok=True)
+            if args.out.exists():  # an earlier copy of a base model: only its own file names are in it
+                shutil.rmtree(args.out)
+            tmp.rename(args.out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         path = args.out
     print(f"base model: {path}")
+
+
+def _check_model_copy_target(out: Path, model_files: set[str] | None) -> None:
+    """``bootstrap --out`` may be new, empty or an earlier copy of a base model (replaced), nothing else."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DialogRLError(f"--out {out}: is a file; give a folder for the model (new or empty)")
+    held = {p.name for p in out.iterdir()}
+    if held and ("config.json" not in held or (model_files is not None and not held <= model_files)):
+        raise DialogRLError(f"--out {out}: holds files that are not a base model's ({sorted(held)[0]}); give a new "
+                            "or empty folder")
 
 
 def _cmd_sft(args: argparse.Namespace) -> None:

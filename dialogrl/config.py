@@ -80,6 +80,19 @@ def check_at_least(cfg: Any, minimum: int, *names: str) -> None:
             raise DialogRLError(f"{name}={value}: must be at least {minimum}")
 
 
+MAX_SEED = 2**32 - 1
+"""The largest seed numpy's legacy seeding (and so transformers' ``set_seed``) accepts."""
+
+
+def check_seeds(cfg: Any, *names: str) -> None:
+    """Each named field of ``cfg`` is a seed every library here accepts (an integer in [0, 2**32 - 1]), else
+    one line naming the key, before any work that the seed would reach late."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not 0 <= value <= MAX_SEED:
+            raise DialogRLError(f"{name}={value}: must be a seed in [0, {MAX_SEED}]")
+
+
 def check_number(cfg: Any, *names: str, above: float | None = None, at_least: float | None = None,
                  below: float | None = None, at_most: float | None = None) -> None:
     """Each named field of ``cfg`` is a finite number within the bounds given (NaN and inf never are), else one

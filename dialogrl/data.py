@@ -114,6 +114,9 @@ def load_preference_pairs(
                 value = [{"role": "assistant", "content": value}]
             elif isinstance(value, dict):
                 value = [value]
+            elif not isinstance(value, list):
+                raise DialogRLError(f"{where}: '{key}' must be a list of messages, a message or a string, got "
+                                    f"{type(value).__name__}")
             answers[key] = normalize_messages(value, system_prompt=None, where=f"{where} {key}")
             if not any(m["role"] == "assistant" for m in answers[key]):
                 raise DialogRLError(f"{where}: '{key}' has no non-empty assistant message")

@@ -203,10 +203,11 @@ def evaluate(
         for record in records:
             record.pop("messages", None)
     name = getattr(policy, "name", str(policy))
+    reward = kwargs.get("reward")  # what ``return`` means (null: the env's default mix); a callable by its repr
     return {
         "policy": name, "method": method or name, "env_id": env_id, "split": split, "seed": seed,
         "episodes": episodes, "repeats": repeats, "decoding": decoding, "training_seed": training_seed,
-        **summary, "records": records,
+        "reward": json.loads(json.dumps(reward, default=repr)), **summary, "records": records,
     }
 
 

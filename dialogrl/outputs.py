@@ -14,27 +14,33 @@ from dialogrl.types import DialogRLError
 
 
 def check_output_dir(target: Path, overwrite: bool, inputs: Iterable[str | Path | None] = (),
-                     marker: tuple[str, ...] = ("run.json",)) -> None:
+                     marker: tuple[str, ...] = ("run.json",), key: str = "output_dir") -> None:
     """Fail, before any work, when ``target`` may not be written: it is not a directory; or it holds something and
     ``overwrite`` is off; or it holds something that is not an earlier run (every file of ``marker``) or that
-    holds one of the run's ``inputs``. A new path or an empty folder is always fine."""
+    holds one of the run's ``inputs``. A new path or an empty folder is always fine. Errors name the setting
+    ``key``."""
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:  # the nearest existing folder; the rest is created
+        folder = folder.parent
+    if not folder.is_dir():  # else "File exists" from deep inside mkdir
+        raise DialogRLError(f"{key} {target}: {folder} is not a directory")
     if not target.exists() and not target.is_symlink():
         return
     if target.is_symlink() or not target.is_dir():
-        raise DialogRLError(f"output_dir {target} is not a directory; overwrite=true replaces only an earlier run "
+        raise DialogRLError(f"{key} {target} is not a directory; overwrite=true replaces only an earlier run "
                             "directory, so nothing was deleted")
     if not any(target.iterdir()):
         return
     if not overwrite:
-        raise DialogRLError(f"output_dir {target} already exists (set overwrite=true to replace it)")
+        raise DialogRLError(f"{key} {target} already exists (set overwrite=true to replace it)")
     if not all((target / name).is_file() for name in marker):
-        raise DialogRLError(f"output_dir {target} is not a run directory (no {' and '.join(marker)}); "
+        raise DialogRLError(f"{key} {target} is not a run directory (no {' and '.join(marker)}); "
                             "overwrite=true replaces only an earlier run directory, so nothing was deleted")
     inside = target.resolve()
     for path in inputs:
         if path and Path(path).resolve().is_relative_to(inside):
-            raise DialogRLError(f"output_dir {target} holds the input {path}, which overwrite=true would delete: "
-                                "choose another output_dir")
+            raise DialogRLError(f"{key} {target} holds the input {path}, which overwrite=true would delete: "
+                                f"choose another {key}")
 
 
 def temp_dir_beside(target: Path) -> Path:
@@ -48,10 +54,11 @@ def temp_dir_beside(target: Path) -> Path:
     return tmp
 
 
-def replace_dir(tmp: Path, target: Path, overwrite: bool, marker: tuple[str, ...] = ("run.json",)) -> None:
+def replace_dir(tmp: Path, target: Path, overwrite: bool, marker: tuple[str, ...] = ("run.json",),
+                key: str = "output_dir") -> None:
     """Rename the finished run ``tmp`` to ``target``; an earlier run there is moved aside first (and put back if
     the rename fails), deleted after."""
-    check_output_dir(target, overwrite, marker=marker)  # again: something may have appeared while the run trained
+    check_output_dir(target, overwrite, marker=marker, key=key)  # again: something may have appeared while the run trained
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{tmp.name}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,7 +89,7 @@ def _step(name: str) -> float:
 
 
 def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
-    from dialogrl.config import check_at_least
+    from dialogrl.config import check_at_least, check_seeds
     from dialogrl.data import write_logs
     from dialogrl.evaluation import (
         evaluate,
@@ -102,11 +103,16 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     from dialogrl.report import compare, format_table
 
     check_at_least(cfg, 1, "seeds", "log_episodes", "eval_episodes")
+    check_seeds(cfg, "eval_seed")
+    _check_out_folder(Path(cfg.out))
     if cfg.scripted_only:
         return _scripted_only(cfg)
     unknown = sorted(set(cfg.methods) - set(METHODS))
     if unknown:
         raise DialogRLError(f"unknown method '{unknown[0]}' in quickstart; known: {', '.join(METHODS)}")
+    if not cfg.methods or len(set(cfg.methods)) < len(cfg.methods):
+        raise DialogRLError(f"methods={json.dumps(cfg.methods)}: name each method to train once, at least one")
+    _check_owned_keys(cfg)
     if cfg.baseline not in cfg.methods and cfg.baseline not in SCRIPTED_REFERENCES:
         raise DialogRLError(f"baseline={cfg.baseline}: neither one of the methods ({', '.join(cfg.methods)}) nor a "
                             f"scripted reference ({', '.join(SCRIPTED_REFERENCES)})")
@@ -231,6 +237,35 @@ def _check_same_job(cfg: QuickstartConfig, out: Path) -> None:
                 raise DialogRLError(f"{out} holds a quickstart run with {key}={json.dumps(before.get(key))}, not "
                                     f"{json.dumps(value)}: pass another out=DIR or delete {out}")
     write_json(settings, path)  # a folder from before this file existed is adopted unchecked
+
+
+OUTPUT_NAMES = re.compile(r"(logs|quickstart\.json|timings\.json|report(_\w+)?|[\w-]+-s\d+|\w+\.eval\.json|\..*)")
+"""What a quickstart folder holds (``.*``: the temporary folders of steps in progress)."""
+OWNED_KEYS = {"sft": ("model", "seed", "train_file", "output_dir", "filter_success", "method"),
+              "ppo": ("model", "init_adapter", "seed", "output_dir", "method"),
+              "dpo": ("model", "init_adapter", "seed", "output_dir", "method"),
+              "reward_model": ("model", "seed", "output_dir", "overwrite")}
+"""Step settings the quickstart sets itself (paths inside ``out``, the training seed, the method's name)."""
+
+
+def _check_out_folder(out: Path) -> None:
+    """``out`` is new, or a folder of quickstart outputs (resumed); never a folder of the user's own files."""
+    if out.exists() and not out.is_dir():
+        raise DialogRLError(f"out={out}: is a file; give a folder for the job's outputs")
+    if out.is_dir() and not (out / "quickstart.json").is_file():
+        strangers = sorted(p.name for p in out.iterdir() if not OUTPUT_NAMES.fullmatch(p.name))
+        if strangers:
+            raise DialogRLError(f"out={out}: holds {strangers[0]}, which is not a quickstart output; give a new "
+                                "folder or one an earlier quickstart wrote")
+
+
+def _check_owned_keys(cfg: QuickstartConfig) -> None:
+    for step, owned in OWNED_KEYS.items():
+        for item in getattr(cfg, step):
+            key = str(item).partition("=")[0].strip()
+            if key in owned:
+                raise DialogRLError(f"{step}=[{item}]: the quickstart sets {key} for every {step} run itself "
+                                    f"(it sets {', '.join(owned)}); leave it out")
 
 
 def _check_step_settings(cfg: QuickstartConfig) -> None:

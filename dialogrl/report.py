@@ -48,8 +48,14 @@ def load_eval(path: str | Path) -> dict[str, Any]:
     records = data.get("records")
     if not isinstance(records, list) or not records:
         raise DialogRLError(f"{file}: missing or empty 'records' (not written by `dialogrl eval`?)")
+    first_of: dict[tuple[int, int], int] = {}
     for i, r in enumerate(records):
         _check_record(file, i, r)
+        trial = (r["scenario_seed"], r["repeat"])
+        if trial in first_of:  # it would weigh that scenario twice
+            raise DialogRLError(f"{file}: records[{i}] repeats records[{first_of[trial]}] (scenario_seed "
+                                f"{trial[0]}, repeat {trial[1]})")
+        first_of[trial] = i
     metrics = data.get("metrics", {})
     kl = metrics.get("kl_to_reference") if isinstance(metrics, dict) else None
     if kl is not None and not _finite(kl):
@@ -112,8 +118,8 @@ def _check_same_setting(evals: list[dict[str, Any]]) -> None:
             raise DialogRLError(f"{e['_path']} and {same[identity]} hold the same evaluation (method, training seed, "
                                 "decoding and records): it would be counted as two runs; give each run once")
         same[identity] = e["_path"]
-    for field in ("env_id", "split"):
-        values = {str(e[field]): e["_path"] for e in evals if field in e}
+    for field in ("env_id", "split", "reward"):  # "reward": returns under different rewards do not compare
+        values = {json.dumps(e[field]): e["_path"] for e in evals if field in e}
         if len(values) > 1:
             raise DialogRLError(f"evaluations differ in {field}: " + "; ".join(f"{f}: {v}" for v, f in
                                                                               values.items()))

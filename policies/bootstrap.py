@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from dialogrl.config import check_at_least, check_number, check_seeds
 from dialogrl.outputs import temp_dir_beside
 from dialogrl.types import DialogRLError, Message
 
@@ -104,6 +105,23 @@ class BootstrapConfig:
     num_threads: int = 0
     """Torch CPU threads during the build (0: torch's default). Not part of the cache key."""
 
+    def __post_init__(self) -> None:
+        check_at_least(self, 1, "n_layer", "n_head", "n_embd", "n_positions", "block_size", "batch_size", "steps",
+                       "corpus_episodes")
+        check_at_least(self, 0, "warmup", "tokenizer_conversations", "num_threads")
+        check_number(self, "lr", above=0)
+        check_number(self, "weight_decay", at_least=0)
+        check_number(self, "dropout", at_least=0, below=1)
+        check_seeds(self, "seed")
+        minimum = 256 + len(SPECIAL_TOKENS)
+        if self.vocab_size <= minimum:
+            raise DialogRLError(f"vocab_size={self.vocab_size}: must exceed {minimum} (256 bytes + special tokens)")
+        if self.n_embd % self.n_head:
+            raise DialogRLError(f"n_embd={self.n_embd}: must be a multiple of n_head={self.n_head}")
+        if self.block_size > self.n_positions:
+            raise DialogRLError(f"block_size={self.block_size}: exceeds the context length "
+                                f"n_positions={self.n_positions}")
+
     @classmethod
     def tiny(cls) -> BootstrapConfig:
         """A model that builds in seconds, for tests: learns little, but has the real format and files."""
@@ -170,7 +188,6 @@ def build_base_model(config: BootstrapConfig, corpus: Iterable[list[Message]], o
         return out
     if out.exists() and not exist_ok:
         raise DialogRLError(f"base model output '{out}' already exists; remove it or choose another directory")
-    _check_config(config)
     conversations = [_check_conversation(c, i) for i, c in enumerate(corpus)]
     if not conversations:
         raise DialogRLError("the base-model corpus is empty")
@@ -306,19 +323,6 @@ def _fit(config: BootstrapConfig, tokenizer: Any, conversations: list[list[Messa
              "first_loss": round(losses[0], 4) if losses else None,
              "final_loss": round(sum(tail) / len(tail), 4) if tail else None}
     return model, stats
-
-
-def _check_config(config: BootstrapConfig) -> None:
-    minimum = 256 + len(SPECIAL_TOKENS)
-    if config.vocab_size <= minimum:
-        raise DialogRLError(f"vocab_size={config.vocab_size}: must exceed {minimum} (256 bytes + special tokens)")
-    if config.n_embd % config.n_head:
-        raise DialogRLError(f"n_embd={config.n_embd} must be a multiple of n_head={config.n_head}")
-    if config.block_size > config.n_positions:
-        raise DialogRLError(f"block_size={config.block_size} exceeds the context length n_positions={config.n_positions}")
-    for name in ("n_layer", "n_head", "n_positions", "block_size", "batch_size", "steps"):
-        if getattr(config, name) < 1:
-            raise DialogRLError(f"{name}={getattr(config, name)}: must be at least 1")
 
 
 def _check_conversation(conversation: list[Message], index: int) -> list[Message]:

@@ -109,6 +109,7 @@ class LMPolicy:
                         generation: GenerationSettings | None = None, name: str | None = None,
                         merge_adapter: bool = True) -> LMPolicy:
         """Load a local model directory, and a LoRA adapter directory on top (merged for speed by default)."""
+        from safetensors import SafetensorError
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         model_dir = _local_dir(model_path, "model", "config.json")
@@ -129,7 +130,7 @@ class LMPolicy:
                 model = PeftModel.from_pretrained(model, adapter_dir)
                 if merge_adapter:
                     model = model.merge_and_unload()
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:  # SafetensorError: a corrupt weights file
             raise DialogRLError(f"cannot load a model from '{where}': {str(exc).splitlines()[0]}") from None
         model.eval()
         return cls(model, tokenizer, generation, name=name or (adapter_dir or model_dir).name,

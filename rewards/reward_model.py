@@ -139,6 +139,15 @@ class RewardModelScorer:
 
 
 def _load(base: Path, adapter: Path) -> tuple[Any, Any]:
+    from safetensors import SafetensorError
+
+    try:
+        return _load_unchecked(base, adapter)
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:  # SafetensorError: a corrupt weights file
+        raise DialogRLError(f"cannot load the reward model {adapter} on {base}: {str(exc).splitlines()[0]}") from None
+
+
+def _load_unchecked(base: Path, adapter: Path) -> tuple[Any, Any]:
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging

@@ -147,3 +147,50 @@ def test_bad_inputs_fail_cleanly_and_write_nothing(tmp_path: Path, tiny_model_di
     with pytest.raises(DialogRLError, match="already exists"):
         build_base_model(cfg, [ALL_ROLES], tiny_model_dir, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("lr=-1", "lr=-1.0: must be a finite number > 0"),  # was a traceback from torch's Adam
+    ("dropout=2", "dropout=2.0: must be a finite number in [0, 1)"),
+    ("n_embd=0", "n_embd=0: must be at least 1"),  # was a ZeroDivisionError
+    ("num_threads=-1", "num_threads=-1: must be at least 0"),
+    ("warmup=-5", "warmup=-5: must be at least 0"),  # was accepted
+    ("corpus_episodes=0", "corpus_episodes=0: must be at least 1"),  # was accepted
+    ("tokenizer_conversations=-1", "tokenizer_conversations=-1: must be at least 0"),
+    ("seed=-1", "seed=-1: must be a seed in [0, 4294967295]"),
+    ("n_embd=130", "n_embd=130: must be a multiple of n_head=4"),
+])
+def test_bad_settings_fail_in_one_line_naming_the_key(override: str, needle: str) -> None:
+    from dialogrl.config import load_config
+
+    with pytest.raises(DialogRLError) as err:
+        load_config(BootstrapConfig, None, [override])
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bootstrap_out_is_new_empty_or_an_earlier_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from dataclasses import asdict
+
+    from dialogrl.cli import main
+
+    monkeypatch.setenv("DIALOGRL_CACHE", str(tmp_path / "cache"))
+    tiny = [f"{k}={json.dumps(v)}" for k, v in asdict(BootstrapConfig.tiny()).items()]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert main(["bootstrap", "--out", str(mine), *tiny]) == 2
+    assert "holds files that are not a base model's (notes.txt)" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()  # refused before the build
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["bootstrap", "--out", str(afile), *tiny]) == 2
+    assert f"--out {afile}: is a file" in capsys.readouterr().err
+    out = tmp_path / "model"
+    assert main(["bootstrap", "--out", str(out), *tiny]) == 0
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "config.json" in files
+    assert main(["bootstrap", "--out", str(out), *tiny]) == 0  # an earlier copy is replaced by the same model
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and afile.read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "cache", "mine", "model"]  # no temp folder left

@@ -332,7 +332,13 @@ def test_out_path_is_checked_before_the_episodes_run(tmp_path: Path, capsys: pyt
     blocker.write_text("x")
     argv = [command, "--policy", "expert", "--episodes", "2", "--out"]
     line = one_line_error([*argv, str(folder)], capsys)
-    assert f"--out {folder}: is a directory" in line and ".tmp" not in line
+    example = folder / ("eval.json" if command == "eval" else "logs.jsonl")  # logs suggested eval.json
+    assert f"--out {folder}: is a directory; give a file path, e.g. {example}" in line and ".tmp" not in line
+    if command == "eval":  # named --out, not the flag it was
+        line = one_line_error([*argv, str(tmp_path / "e.json"), "--transcripts", str(folder)], capsys)
+        assert f"--transcripts {folder}: is a directory; give a file path, e.g. {folder / 'transcripts.jsonl'}" in line
+        line = one_line_error(["eval", "--policy", str(blocker), "--episodes", "2"], capsys)
+        assert f"--policy {blocker}: a file; give a run directory" in line  # said "no such local directory"
     assert "empty path ''" in one_line_error([*argv, ""], capsys)
     line = one_line_error([*argv, str(blocker / "sub" / "x.json")], capsys)
     assert f"--out {blocker / 'sub' / 'x.json'}: {blocker} is not a directory" in line

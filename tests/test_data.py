@@ -202,6 +202,7 @@ def test_preference_pairs(tmp_path: Path) -> None:
         (pair(rejected=[{"role": "assistant", "content": "[lookup_order order=A1]"}]), "identical"),
         (pair(chosen=[{"role": "user", "content": "x"}]), "'chosen' has no non-empty assistant"),
         (pair(rejected=[{"role": "robot", "content": "x"}]), "unknown role 'robot'"),
+        (pair(chosen=3), "'chosen' must be a list of messages, a message or a string, got int"),  # said 'messages'
     ],
 )
 def test_bad_pairs(tmp_path: Path, row: dict[str, Any], needle: str) -> None:

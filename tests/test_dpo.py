@@ -193,6 +193,10 @@ def test_bad_preference_file_fails_naming_file_and_row(tiny_model_dir: Path, tmp
     (["margin=nan"], "margin=nan: must be a finite number >= 0"),
     (["pairs_per_state=most"], "pairs_per_state=most: use one of best_worst, all"),
     (["eval_episodes=-1"], "eval_episodes=-1: must be at least 0"),
+    (["eval_seed=-1"], "eval_seed=-1: must be a seed in [0, 4294967295]"),  # was found only after training
+    (["seed=4294967296"], "seed=4294967296: must be a seed"),
+    (["env_id=dialogrl/CustomerServiceActs-v0"], "env_id=dialogrl/CustomerServiceActs-v0: takes dialogue acts, not "
+                                                 "text replies"),  # was a traceback from inside the env
 ])
 def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, overrides: list[str], needle: str) -> None:
     out = tmp_path / "runs" / "dpo"

@@ -129,6 +129,19 @@ def test_lora_adapter_loads_with_peft_and_with_lm_policy(tiny_model_dir: Path, t
     assert [g.response_ids for g in greedy.generate(conversations)] == [g.response_ids for g in merged]
 
 
+def test_corrupt_weights_fail_in_one_line_naming_the_folder(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, local_files_only=True)
+    get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "adapter")
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"\xff" * 64)  # was a SafetensorError traceback
+    with pytest.raises(DialogRLError, match=f"^cannot load a model from '{tmp_path / 'adapter'}': ") as err:
+        LMPolicy.from_pretrained(tiny_model_dir, adapter_path=tmp_path / "adapter")
+    assert "\n" not in str(err.value)
+
+
 def test_model_mode_is_restored(policy: LMPolicy, conversations: list[list[Message]]) -> None:
     policy.model.train()
     try:

@@ -24,6 +24,8 @@ def test_only_earlier_runs_are_replaced(tmp_path: Path) -> None:
     notes.write_text("mine")
     with pytest.raises(DialogRLError, match=r"notes.yaml is not a directory.*nothing was deleted"):
         check_output_dir(notes, overwrite=True)
+    with pytest.raises(DialogRLError, match=r"^out .*notes.yaml/run/sub: .*notes.yaml is not a directory$"):
+        check_output_dir(notes / "run" / "sub", overwrite=False, key="out")  # was "File exists" from mkdir, later
     folder = tmp_path / "precious"
     folder.mkdir()
     (folder / "data.jsonl").write_text("{}")

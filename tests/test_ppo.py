@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,35 @@ def test_gae_matches_hand_computation() -> None:
     assert np.allclose(adv, [1.0 - 0.5, 1.0 - 0.6, 1.0 - 0.7])
     adv0 = gae(rewards, values, gamma=1.0, lam=0.0)  # lam=0: one-step TD errors
     assert np.allclose(adv0, [0.6 - 0.5, 0.7 - 0.6, 1.0 - 0.7])
+
+
+def test_leave_one_out_is_reward_to_go_minus_the_other_plays_mean() -> None:
+    from dialogrl.agents.ppo import leave_one_out
+
+    rewards = {0: np.array([0.0, 1.0]), 1: np.array([2.0]), 2: np.array([0.5, 0.0, 0.5]),  # customer 0
+               3: np.array([1.0, -1.0]), 4: np.array([3.0])}  # customer 1 (episode 5 missing: not on this process)
+    got = leave_one_out(rewards, group_size=3, gamma=1.0)
+    assert np.allclose(got[0], [1.0 - 1.5, 1.0 - 1.5])  # others' returns 2.0 and 1.0
+    assert np.allclose(got[1], [2.0 - 1.0])
+    assert np.allclose(got[2], [1.0 - 1.5, 0.5 - 1.5, 0.5 - 1.5])
+    assert np.allclose(got[3], [0.0 - 3.0, -1.0 - 3.0]) and np.allclose(got[4], [3.0 - 0.0])
+    assert np.allclose(leave_one_out({0: np.array([0.0, 1.0]), 1: np.array([0.0])}, 2, 0.5)[0], [0.5, 1.0])
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_iteration_seeds_give_each_process_whole_groups(processes: int) -> None:
+    from dialogrl.agents.ppo import iteration_seeds
+    from dialogrl.evaluation import scenario_seeds
+
+    plain = PPOConfig(seed=3, episodes_per_iteration=8, minibatch_episodes=4)
+    assert [iteration_seeds(plain, 5, r, processes) for r in range(processes)] == [
+        scenario_seeds(3 * 7919 + 5, 8)[r::processes] for r in range(processes)]  # as before groups existed
+    grouped = replace(plain, group_size=4)
+    shares = [iteration_seeds(grouped, 5, r, processes) for r in range(processes)]
+    customers = scenario_seeds(3 * 7919 + 5, 2)
+    assert sorted(s for share in shares for s in share) == sorted(customers * 4)
+    for share in shares:
+        assert all(len(set(share[g:g + 4])) == 1 for g in range(0, len(share), 4))
 
 
 def test_kl_estimators_are_unbiased_and_k3_never_negative() -> None:
@@ -67,10 +97,18 @@ def test_kl_estimators_are_unbiased_and_k3_never_negative() -> None:
     (["max_grad_norm=0"], "max_grad_norm=0.0"),
     (["gamma=1.5"], "gamma=1.5: must be a finite number in [0, 1]"),
     (["minibatch_episodes=5"], "minibatch_episodes=5: must divide episodes_per_iteration=64"),
+    (["group_size=0"], "group_size=0: must be at least 1"),
+    (["group_size=3"], "group_size=3: must divide episodes_per_iteration=64"),
     (["keep=first"], "keep=first: use one of last, average, best"),
     (["average_last=0"], "average_last=0: must be at least 1"),
     (["validation_episodes=0"], "validation_episodes=0: must be at least 1"),
     (["validate_every=0"], "validate_every=0: must be at least 1"),
+    (["clip_range=0"], "clip_range=0.0: must be a finite number > 0"),
+    (["seed=-1"], "seed=-1: must be a seed in [0, 4294967295]"),
+    (["eval_seed=-1"], "eval_seed=-1: must be a seed"),  # was found only after training
+    (["validation_seed=-1"], "validation_seed=-1: must be a seed"),
+    (["env_id=dialogrl/CustomerServiceActs-v0"], "env_id=dialogrl/CustomerServiceActs-v0: takes dialogue acts, not "
+                                                 "text replies"),  # was a traceback from inside the env
 ])
 def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, overrides: list[str], needle: str) -> None:
     from dialogrl.agents.ppo import main_ppo
@@ -142,9 +180,10 @@ def test_start_check_leaves_the_random_state_alone(tiny_model_dir: Path, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("group_size", [1, 4])  # GAE on the value head; the leave-one-out baseline
 def test_ppo_learns_a_rewarded_behaviour(tiny_model_dir: Path, tmp_path: Path, brevity_reward: str,
-        ppo_config: Callable[..., PPOConfig]) -> None:
-    run = train_ppo(ppo_config(tiny_model_dir, tmp_path / "run", brevity_reward))
+        ppo_config: Callable[..., PPOConfig], group_size: int) -> None:
+    run = train_ppo(ppo_config(tiny_model_dir, tmp_path / "run", brevity_reward, group_size=group_size))
     history = json.loads((run / "run.json").read_text())["history"]
     first = history[0]["reply_tokens"]
     last = float(np.mean([h["reply_tokens"] for h in history[-2:]]))

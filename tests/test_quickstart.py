@@ -127,6 +127,18 @@ def test_bad_log_error_rates_fail_before_anything_is_written(tmp_path: Path) -> 
     ({"ppo": ["minibatch_episodes=0"]}, "minibatch_episodes=0: must be at least 1"),
     ({"sft": ["lr_scheduler_type=bogus"]}, "lr_scheduler_type=bogus: not a transformers SchedulerType"),
     ({"dpo": ["loss_type=bogus"]}, "loss_type=bogus: not a TRL DPO loss"),
+    # Each of these was found only after a step had written into the folder (and its quickstart.json then
+    # refused the corrected rerun), or trained into a path outside it.
+    ({"eval_seed": -1}, "eval_seed=-1: must be a seed in [0, 4294967295]"),
+    ({"base": {"steps": 0}}, "steps=0: must be at least 1"),
+    ({"base": {"lr": -1}}, "lr=-1.0: must be a finite number > 0"),
+    ({"ppo": ["seed=-1"]}, "ppo=[seed=-1]: the quickstart sets seed for every ppo run itself"),
+    ({"sft": ["output_dir=x"]}, "sft=[output_dir=x]: the quickstart sets output_dir"),
+    ({"sft": ["train_file=x.jsonl"]}, "sft=[train_file=x.jsonl]: the quickstart sets train_file"),
+    ({"dpo": ["init_adapter=elsewhere"]}, "dpo=[init_adapter=elsewhere]: the quickstart sets init_adapter"),
+    ({"reward_model": ["output_dir=rm"]}, "reward_model=[output_dir=rm]: the quickstart sets output_dir"),
+    ({"methods": ["sft", "sft"]}, 'methods=["sft", "sft"]: name each method to train once'),
+    ({"methods": []}, "methods=[]: name each method to train once, at least one"),  # blamed the baseline
 ])
 def test_bad_settings_fail_before_anything_is_written(tmp_path: Path, overrides: dict, needle: str) -> None:
     from dialogrl.quickstart import run_quickstart
@@ -135,6 +147,26 @@ def test_bad_settings_fail_before_anything_is_written(tmp_path: Path, overrides:
         run_quickstart(_tiny_job(tmp_path, **overrides))
     assert needle in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "qs").exists()
+
+
+def test_out_is_new_or_a_quickstart_folder(tmp_path: Path) -> None:
+    from dialogrl.quickstart import _check_out_folder, run_quickstart
+
+    mine = tmp_path / "qs"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(DialogRLError, match=r"^out=.*qs: holds notes.txt, which is not a quickstart output"):
+        run_quickstart(_tiny_job(tmp_path))
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    (mine / "notes.txt").unlink()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(DialogRLError, match=r"^out=.*afile: is a file"):
+        run_quickstart(_tiny_job(tmp_path, out=str(afile)))
+    for name in ("logs", "sft-s0", "ppo-rm-s2", "rm-s1", "report", "report_sampled", "expert.eval.json",
+                 "timings.json", ".sft-s0.tmp-abc"):
+        (mine / name).mkdir()
+    _check_out_folder(mine)  # an earlier job's folder (from before quickstart.json): adopted
 
 
 def test_a_scripted_reference_can_be_the_baseline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

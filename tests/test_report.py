@@ -275,6 +275,18 @@ def test_inconsistent_inputs_are_refused(tmp_path: Path) -> None:
     other_env = _eval(tmp_path / "x.json", "ppo", {1: [True]}, env_id="dialogrl/Refund-v0")
     with pytest.raises(DialogRLError, match="differ in env_id"):
         compare([base, other_env], "sft", tmp_path / "out")
+    # Returns under different rewards do not compare (files from before the field was written are let through).
+    default, success_only = (_eval(tmp_path / f"{name}.json", name, {1: [True]}, reward=reward)
+                             for name, reward in (("dpo", None), ("ppo", ["success"])))
+    compare([base, default], "sft", tmp_path / "ok")
+    with pytest.raises(DialogRLError, match=r'differ in reward: .*dpo.json: null; .*ppo.json: \["success"\]$'):
+        compare([base, default, success_only], "sft", tmp_path / "out")
+    twice = _eval(tmp_path / "z.json", "ppo", {1: [True], 2: [False]})
+    data = json.loads(twice.read_text())
+    data["records"][1]["scenario_seed"] = 1
+    twice.write_text(json.dumps(data))
+    with pytest.raises(DialogRLError, match=r"z.json: records\[1\] repeats records\[0\] \(scenario_seed 1, repeat 0\)"):
+        compare([base, twice], "sft", tmp_path / "out")
     swapped = _eval(tmp_path / "y.json", "ppo", {1: [True]})
     data = json.loads(swapped.read_text())
     data["records"][0]["persona"] = "angry"

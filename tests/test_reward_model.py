@@ -119,6 +119,13 @@ def test_errors_are_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     (["lora_alpha=0"], "lora_alpha=0: must be a finite number > 0"),
     (["margin=nan"], "margin=nan"),
     (["center_rewards_coefficient=-1"], "center_rewards_coefficient=-1.0: must be a finite number >= 0"),
+    (["seed=-1"], "seed=-1: must be a seed in [0, 4294967295]"),
+    (["behaviour=bogus"], "behaviour=bogus: neither a scripted policy (expert, historical, random, noisy) nor a run "
+                          "directory"),  # did not name the key, and came after the model loaded
+    (["proposers=[expert,bogus]"], "proposers[1]=bogus: neither a scripted policy"),
+    (["continuation=bogus"], "continuation=bogus: neither"),
+    (["env_id=dialogrl/CustomerServiceActs-v0"], "env_id=dialogrl/CustomerServiceActs-v0: takes dialogue acts, not "
+                                                 "text replies"),  # was a traceback from inside the env
 ])
 def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, overrides: list[str], needle: str) -> None:
     from dialogrl.agents.reward_model_train import main_reward_model

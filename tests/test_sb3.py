@@ -94,11 +94,13 @@ def test_main_sb3_replaces_only_an_earlier_run_and_prints_steps_and_both_rates(t
     out.mkdir()
     (out / "stale.txt").write_text("old")
     overrides = [f"{k}={json.dumps(v)}" for k, v in TINY.items() if k != "timesteps"]
-    with pytest.raises(DialogRLError, match=re.escape(f"output_dir {out} already exists (set overwrite=true")):
+    with pytest.raises(DialogRLError, match=re.escape(f"out {out} already exists (set overwrite=true")):
         main_sb3("ppo", 40, out, 1, overrides=overrides)
     with pytest.raises(DialogRLError, match=r"is not a run directory \(no model.zip and config.yaml\); .*so nothing was deleted"):
         main_sb3("ppo", 40, out, 1, overrides=[*overrides, "overwrite=true"])
     assert [p.name for p in out.iterdir()] == ["stale.txt"]
+    with pytest.raises(DialogRLError, match=r"^out=elsewhere: --out already sets out; give it once$"):
+        main_sb3("ppo", 40, out, 1, overrides=["out=elsewhere"])  # the override would have won silently
     (out / "model.zip").write_text("an earlier run")
     (out / "config.yaml").write_text("algo: ppo\n")
     result = main_sb3("ppo", 40, out, 1, overrides=[*overrides, "overwrite=true"])
@@ -122,10 +124,11 @@ def test_sb3_command_checks_seed_and_out_before_training(tmp_path: Path, capsys:
     (used / "notes.txt").write_text("mine")
     cases = [(["--seed", "-1", "--out", str(tmp_path / "a")], ["--seed", "zero or positive", "-1"]),
              (["--out", ""], ["--out", "empty path ''"]),
-             (["--out", str(tmp_path / "a"), "seed=-2"], ["seed must be zero or positive, got -2"]),
-             (["--out", str(tmp_path / "a"), "out=."], ["out must name a folder", "'.'"]),
-             (["--out", str(used)], [f"output_dir {used} already exists", "overwrite=true"]),
-             (["--out", str(used), "overwrite=true"], [f"output_dir {used} is not a run directory (no model.zip and config.yaml)"])]
+             (["--out", str(tmp_path / "a"), "seed=-2"], ["seed=-2: must be a seed in [0, 4294967295]"]),
+             (["--out", str(tmp_path / "a"), "out=."], ["out=.: --out already sets out; give it once"]),
+             (["--out", ".", "algo=dqn"], ["out must name a folder", "'.'"]),
+             (["--out", str(used)], [f"out {used} already exists", "overwrite=true"]),
+             (["--out", str(used), "overwrite=true"], [f"out {used} is not a run directory (no model.zip and config.yaml)"])]
     for argv, needles in cases:
         assert main(["sb3", *argv]) == 2, argv
         err = capsys.readouterr().err
@@ -144,10 +147,13 @@ def test_unknown_algo_lists_the_known_ones() -> None:
 
 
 @pytest.mark.parametrize("bad", [{"timesteps": 0}, {"gamma": 1.5}, {"eval_split": "dev"}, {"time_limit_s": -1.0},
-                                 {"seed": -1}, {"eval_seed": -3}, {"out": ""}, {"out": ".."}])
+                                 {"seed": -1}, {"eval_seed": -3}, {"seed": 2**32}, {"out": ""}, {"out": ".."},
+                                 {"net_arch": [0]}, {"net_arch": []}, {"clip_range": -1.0}, {"gae_lambda": 2.0},
+                                 {"exploration_fraction": 2.0}, {"ent_coef": -0.1}])
 def test_bad_config_values_fail_in_one_line(bad: dict) -> None:
-    with pytest.raises(DialogRLError, match=next(iter(bad))):
+    with pytest.raises(DialogRLError, match=next(iter(bad))) as err:
         SB3Config(**bad)
+    assert "\n" not in str(err.value)
 
 
 def test_nothing_half_written_when_a_run_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

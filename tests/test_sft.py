@@ -292,6 +292,9 @@ def test_empty_model_means_the_cached_base_model(model_dir: Path, tmp_path: Path
     (["neftune_noise_alpha=0"], "neftune_noise_alpha=0.0: must be a finite number > 0"),
     (["train_sampling_strategy=shortest"], "train_sampling_strategy=shortest: not a transformers sampling "
                                            "strategy; use one of random, sequential, group_by_length"),
+    (["seed=-1"], "seed=-1: must be a seed in [0, 4294967295]"),  # was a numpy traceback
+    (["seed=4294967296"], "seed=4294967296: must be a seed"),
+    (["train_file="], 'train_file="": name one or more JSONL files'),  # said "data file not found: ."
 ])
 def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, overrides: list[str], needle: str) -> None:
     out = tmp_path / "runs" / "sft"
