@@ -272,7 +272,8 @@ def _train_round(cfg: DPOConfig, start_dir: Path, tokenizer: Any, rows: list[dic
         report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
         beta=cfg.beta, loss_type=[cfg.loss_type], learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.batch_size, max_length=max_length, lr_scheduler_type="constant",
-        seed=cfg.seed + round_index, data_seed=cfg.seed + round_index,
+        # Modulo: the largest allowed seed plus a round would pass what transformers' set_seed accepts.
+        seed=(cfg.seed + round_index) % 2**32, data_seed=(cfg.seed + round_index) % 2**32,
     )
     lora = lora_config(model, cfg.lora_target_modules, r=cfg.lora_r, alpha=cfg.lora_alpha)
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(data), processing_class=tokenizer,

@@ -74,6 +74,18 @@ def leave_one_out(rewards: dict[int, np.ndarray], group_size: int, gamma: float)
     return out
 
 
+def check_process_split(cfg: PPOConfig, n_proc: int) -> None:
+    """Every process must take the same number of minibatch steps (their gradients are all-reduced at each), so
+    the minibatches and the customers' groups split evenly over the processes."""
+    if cfg.minibatch_episodes % n_proc:
+        raise DialogRLError(f"minibatch_episodes={cfg.minibatch_episodes}: must be a multiple of the process "
+                            f"count {n_proc}")
+    customers = cfg.episodes_per_iteration // cfg.group_size
+    if customers % n_proc:
+        raise DialogRLError(f"group_size={cfg.group_size}: gives {customers} customers per iteration, which do not "
+                            f"split evenly over {n_proc} processes")
+
+
 def iteration_seeds(cfg: PPOConfig, it: int, rank: int, n_proc: int) -> list[int]:
     """This process's training customers in iteration ``it``: whole groups of ``group_size`` plays of one
     scenario seed, so a group's baseline never needs another process's episodes."""
@@ -237,8 +249,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
         raise DialogRLError("minibatch_episodes must divide episodes_per_iteration")
     accelerator = Accelerator(cpu=True)
     n_proc, rank = accelerator.num_processes, accelerator.process_index
-    if cfg.minibatch_episodes % n_proc:
-        raise DialogRLError(f"minibatch_episodes must be a multiple of the process count {n_proc}")
+    check_process_split(cfg, n_proc)
     out = Path(cfg.output_dir)
     ckpt = out / "checkpoint"
     check_output(cfg, out)  # before anything is written

@@ -43,8 +43,8 @@ class PPOConfig(TrainingEnvConfig):
     group_size: int = 1
     """Episodes per training customer: each iteration plays ``episodes_per_iteration / group_size`` customers
     that many times each. Above 1, a token's advantage is its reward-to-go minus the mean return of the same
-    customer's other episodes (RLOO's leave-one-out baseline) and the value loss is left out; 1: GAE on the
-    value head's estimates."""
+    customer's other episodes (RLOO's leave-one-out baseline; needs gamma=1) and the value loss is left out; 1:
+    GAE on the value head's estimates. Under torchrun the customers must split evenly over the processes."""
     ppo_epochs: int = 2
     """Passes over each iteration's data."""
     temperature: float = 1.0
@@ -144,6 +144,9 @@ class PPOConfig(TrainingEnvConfig):
         if self.episodes_per_iteration % self.group_size:
             raise DialogRLError(f"group_size={self.group_size}: must divide "
                                 f"episodes_per_iteration={self.episodes_per_iteration}")
+        if self.group_size > 1 and self.gamma != 1:  # a late token's discounted return-to-go vs whole returns
+            raise DialogRLError(f"gamma={self.gamma}: group_size > 1 compares each token's return-to-go with the "
+                                "other plays' whole returns, which needs gamma=1")
         if self.episodes_per_iteration % self.minibatch_episodes:
             raise DialogRLError(f"minibatch_episodes={self.minibatch_episodes}: must divide "
                                 f"episodes_per_iteration={self.episodes_per_iteration}")

@@ -104,19 +104,23 @@ class RewardModelConfig(TrainingEnvConfig):
         check_number(self, "margin", "center_rewards_coefficient", at_least=0)
         if self.collect_episodes and len(self.proposers) < 2:
             raise DialogRLError(f"proposers needs at least 2 entries, got {self.proposers}")
-        if self.collect_episodes:  # before the model loads and the env plays
-            from dialogrl.policies.scripted import SCRIPTED
 
-            named = [("behaviour", self.behaviour), *((f"proposers[{i}]", p) for i, p in enumerate(self.proposers)),
-                     ("continuation", self.continuation)]
-            for key, spec in named:
-                if spec not in SCRIPTED and not Path(str(spec)).is_dir():
-                    raise DialogRLError(f"{key}={spec}: neither a scripted policy ({', '.join(SCRIPTED)}) nor a "
-                                        "run directory")
         check_at_least(self, 1, "batch_size", "states_per_episode", "max_turns", "env_batch")
         check_number(self, "learning_rate", "epochs", above=0)
         check_seeds(self, "seed")
         check_lora_fields(self)
+
+    def check_policies(self) -> None:
+        """Each policy named for collecting pairs is a scripted one or an existing run directory (checked when the
+        run starts, not with the config: a quickstart may name a run it has yet to train)."""
+        from dialogrl.policies.scripted import SCRIPTED
+
+        named = [("behaviour", self.behaviour), *((f"proposers[{i}]", p) for i, p in enumerate(self.proposers)),
+                 ("continuation", self.continuation)]
+        for key, spec in named:
+            if spec not in SCRIPTED and not Path(str(spec)).is_dir():
+                raise DialogRLError(f"{key}={spec}: neither a scripted policy ({', '.join(SCRIPTED)}) nor a run "
+                                    "directory")
 
     @property
     def files(self) -> list[str]:
@@ -135,6 +139,8 @@ def train_reward_model(cfg: RewardModelConfig) -> Path:
     """Train a reward model on ``cfg``'s pairs; write the run directory atomically and return it."""
     target = Path(cfg.output_dir)
     check_output_dir(target, cfg.overwrite, cfg.files)
+    if cfg.collect_episodes:
+        cfg.check_policies()  # before the model loads
     if not cfg.files and not cfg.collect_episodes:
         raise DialogRLError("no pairs: set pairs_file and/or collect_episodes")
     pairs = [p for f in cfg.files for p in load_preference_pairs(f, system_prompt=cfg.system_prompt)]

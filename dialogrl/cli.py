@@ -11,6 +11,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from dialogrl.cli_args import (
+    add_env_args,
+    add_error_args,
+    check_model_copy_target,
+    check_out_file,
+    count_arg,
+    env_kwargs,
+    name_arg,
+    out_path_arg,
+    seed_arg,
+)
 from dialogrl.types import DialogRLError
 
 
@@ -60,74 +71,6 @@ def _terminate(signum: int, frame: Any) -> NoReturn:
     raise Terminated()
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def _name(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("must not be empty")
-    return text
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or positive, got {value}")
-    return value
-
-
-def _out_path(text: str) -> Path:
-    if not text.strip():
-        raise argparse.ArgumentTypeError(f"empty path {text!r}")
-    return Path(text)
-
-
-def check_out_file(path: Path, flag: str = "--out", example: str = "eval.json") -> None:
-    """Fail before any work when the file option ``flag`` cannot become a file: one line naming the user's path."""
-    if path.is_dir():
-        raise DialogRLError(f"{flag} {path}: is a directory; give a file path, e.g. {path / example}")
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:  # the nearest existing folder; the rest is created
-        folder = folder.parent
-    if not folder.is_dir():
-        raise DialogRLError(f"{flag} {path}: {folder} is not a directory")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise DialogRLError(f"{flag} {path}: cannot write in {folder} (permission denied)")
-
-
-def _env_args(p: argparse.ArgumentParser, split: str) -> None:
-    p.add_argument("--env", default="dialogrl/CustomerService-v0", help="registered env id")
-    p.add_argument("--split", default=split, choices=["train", "test"])
-    p.add_argument("--episodes", type=_count, default=200, help="number of scenarios")
-    p.add_argument("--seed", type=int, default=0, help="scenario seeds are derived from this seed")
-    p.add_argument("--reward", action="append", metavar="NAME_OR_PATH[=WEIGHT]",
-                   help="reward component (repeatable); default: the built-in weighted mix")
-    p.add_argument("--scenario", action="append", metavar="YAML", help="extra scenario file (repeatable)")
-    p.add_argument("--intent", action="append", help="keep only these intents (repeatable)")
-    p.add_argument("--max-turns", type=_count, default=12)
-
-
-def _env_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"max_turns": args.max_turns}
-    if args.reward:
-        kwargs["reward"] = args.reward
-    if args.scenario:
-        kwargs["scenario_files"] = args.scenario
-    if args.intent:
-        kwargs["intents"] = args.intent
-    return kwargs
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dialogrl", description="Train and evaluate customer-service dialogue agents with RL. "
                      "Every user error is one line on stderr and exit code 2.")
@@ -138,21 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("logs", help="write conversation logs (HF messages JSONL) from a scripted policy")
     p.add_argument("--policy", default="historical")
-    p.add_argument("--out", required=True, type=_out_path)
-    _error_args(p)
-    _env_args(p, "train")
+    p.add_argument("--out", required=True, type=out_path_arg)
+    add_error_args(p)
+    add_env_args(p, "train")
 
     p = sub.add_parser("eval", help="evaluate a policy on held-out scenarios")
     p.add_argument("--policy", required=True, help="expert | historical | random | a run directory")
-    p.add_argument("--repeats", type=_count, default=1, help="episodes per scenario (for pass^k)")
-    p.add_argument("--out", type=_out_path)
-    p.add_argument("--method", type=_name, help="method name in reports (default: the run's method, else the policy's name)")
+    p.add_argument("--repeats", type=count_arg, default=1, help="episodes per scenario (for pass^k)")
+    p.add_argument("--out", type=out_path_arg)
+    p.add_argument("--method", type=name_arg, help="method name in reports (default: the run's method, else the policy's name)")
     p.add_argument("--decoding", choices=["greedy", "sampled"],
                    help="replies of a language-model run directory (default: greedy)")
-    p.add_argument("--transcripts", type=_out_path,
+    p.add_argument("--transcripts", type=out_path_arg,
                    help="also write every conversation (HF messages JSONL, the format of `dialogrl logs`)")
-    _error_args(p)
-    _env_args(p, "test")
+    add_error_args(p)
+    add_env_args(p, "test")
 
     p = sub.add_parser("compare", help="compare evaluations with a baseline: report.md, report.json, report.png")
     p.add_argument("inputs", nargs="+", help="eval JSON files or run directories holding eval.json")
@@ -161,11 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _config_command(sub, "sb3", "train stable-baselines3 on the dialogue-act env and evaluate it")
     p.add_argument("--algo", choices=["ppo", "dqn"], help="default: ppo")
-    p.add_argument("--timesteps", type=_count,
+    p.add_argument("--timesteps", type=count_arg,
                    help="default: configs/sb3.yaml; rounded up to whole rollouts (PPO collects n_envs * n_steps = "
                         "512 steps per rollout by default, DQN n_envs per step), and the run prints the steps taken")
-    p.add_argument("--seed", type=_seed, help="default: 0")
-    p.add_argument("--out", required=True, type=_out_path,
+    p.add_argument("--seed", type=seed_arg, help="default: 0")
+    p.add_argument("--out", required=True, type=out_path_arg,
                    help="output folder; an existing one is refused unless overwrite=true and it holds an earlier "
                         "sb3 run")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -182,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = _config_command(sub, name, what)
         p.add_argument("--config", help=f"YAML config (default: configs/{name.replace('-', '_')}.yaml defaults)")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    sub.choices["quickstart"].add_argument("--seeds", type=_count, help="training seeds per method")
+    sub.choices["quickstart"].add_argument("--seeds", type=count_arg, help="training seeds per method")
     return parser
 
 
@@ -207,11 +150,6 @@ def _cmd_rewards(_: argparse.Namespace) -> None:
         print(f"{name:16s} {'default weight ' + str(weight) if weight is not None else '':22s} {doc}")
 
 
-def _error_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--error", action="append", default=[], metavar="NAME=RATE", dest="errors",
-                   help="an error rate of the historical agent (HistoricalErrors field), e.g. skip_verification=0.7")
-
-
 def _load_policy(spec: str, seed: int, errors: list[str] | None = None, decoding: str = "greedy") -> Any:
     from dialogrl.policies.scripted import SCRIPTED, make_scripted, parse_error_rates
 
@@ -232,7 +170,7 @@ def _cmd_logs(args: argparse.Namespace) -> None:
 
     check_out_file(args.out, example="logs.jsonl")
     policy = _load_policy(args.policy, args.seed, args.errors)
-    kwargs = {"split": args.split, **_env_kwargs(args)}
+    kwargs = {"split": args.split, **env_kwargs(args)}
     require_text_env(args.env, kwargs)
     records = run_episodes(lambda: make_env(args.env, **kwargs), text_policy_act(policy),
                            scenario_seeds(args.seed, args.episodes), keep_messages=True)
@@ -268,11 +206,11 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
             raise DialogRLError(f"--policy {args.policy}: neither a scripted policy ({names}) nor a local run "
                                 "directory (Hugging Face Hub ids are never downloaded)")
         run = run_dir_parts(args.policy)[3]
-    require_text_env(args.env, {"split": args.split, **_env_kwargs(args)})  # bad env options fail before a model loads
+    require_text_env(args.env, {"split": args.split, **env_kwargs(args)})  # bad env options fail before a model loads
     policy = _load_policy(args.policy, args.seed, args.errors, decoding)
     method, training_seed = args.method or run.get("method"), run.get("seed")
     result = evaluate(policy, args.env, split=args.split, episodes=args.episodes, seed=args.seed,
-                      repeats=args.repeats, env_kwargs=_env_kwargs(args), method=method, decoding=decoding,
+                      repeats=args.repeats, env_kwargs=env_kwargs(args), method=method, decoding=decoding,
                       training_seed=training_seed if isinstance(training_seed, int) else None,
                       keep_messages=args.transcripts is not None)
     print(format_metrics({result["method"]: result}))
@@ -319,39 +257,26 @@ def _cmd_bootstrap(args: argparse.Namespace) -> None:
     import shutil
 
     from dialogrl.config import load_config
-    from dialogrl.outputs import temp_dir_beside
+    from dialogrl.outputs import replace_dir, temp_dir_beside
     from dialogrl.policies.bootstrap import BootstrapConfig, cached_base_model
     from dialogrl.policies.corpus import CORPUS_VERSION, domain_corpus
 
     cfg = load_config(BootstrapConfig, None, args.overrides)
     if args.out:
-        _check_model_copy_target(args.out, None)  # before a build of minutes
+        check_model_copy_target(args.out, None)  # before a build of minutes
     path = cached_base_model(cfg, lambda: domain_corpus(cfg.corpus_episodes, cfg.seed), corpus_version=CORPUS_VERSION)
     if args.out:
         names = {p.name for p in path.iterdir()}
-        _check_model_copy_target(args.out, names)
+        check_model_copy_target(args.out, names)
         tmp = temp_dir_beside(args.out)
         try:
             shutil.copytree(path, tmp, dirs_exist_ok=True)
-            if args.out.exists():  # an earlier copy of a base model: only its own file names are in it
-                shutil.rmtree(args.out)
-            tmp.rename(args.out)
+            # An earlier copy (only a model's file names in it) is moved aside, replaced, then deleted.
+            replace_dir(tmp, args.out, overwrite=True, marker=("config.json",), key="--out")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         path = args.out
     print(f"base model: {path}")
-
-
-def _check_model_copy_target(out: Path, model_files: set[str] | None) -> None:
-    """``bootstrap --out`` may be new, empty or an earlier copy of a base model (replaced), nothing else."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise DialogRLError(f"--out {out}: is a file; give a folder for the model (new or empty)")
-    held = {p.name for p in out.iterdir()}
-    if held and ("config.json" not in held or (model_files is not None and not held <= model_files)):
-        raise DialogRLError(f"--out {out}: holds files that are not a base model's ({sorted(held)[0]}); give a new "
-                            "or empty folder")
 
 
 def _cmd_sft(args: argparse.Namespace) -> None:

@@ -15,7 +15,7 @@ import gymnasium as gym
 import numpy as np
 
 from dialogrl.outputs import write_text_atomic
-from dialogrl.rewards.combine import batched_reward
+from dialogrl.rewards.combine import RewardCombiner, batched_reward
 from dialogrl.types import DialogRLError
 
 ActFn = Callable[[list[Any], list[dict[str, Any]]], list[Any]]
@@ -203,12 +203,18 @@ def evaluate(
         for record in records:
             record.pop("messages", None)
     name = getattr(policy, "name", str(policy))
-    reward = kwargs.get("reward")  # what ``return`` means (null: the env's default mix); a callable by its repr
+    reward = kwargs.get("reward")  # what ``return`` means (null: the env's default mix)
     return {
         "policy": name, "method": method or name, "env_id": env_id, "split": split, "seed": seed,
         "episodes": episodes, "repeats": repeats, "decoding": decoding, "training_seed": training_seed,
-        "reward": json.loads(json.dumps(reward, default=repr)), **summary, "records": records,
+        "reward": None if reward is None else reward_weights(reward), **summary, "records": records,
     }
+
+
+def reward_weights(spec: Any) -> dict[str, float]:
+    """A reward spec as ``{component name: weight}``, sorted: the same rewards give the same record however they
+    were written (``success`` or ``success=1``; a callable by its ``__name__``, as its component is named)."""
+    return dict(sorted(RewardCombiner.from_specs(spec).weights.items()))
 
 
 def write_json(data: Any, path: str | Path) -> Path:

@@ -48,14 +48,9 @@ def load_eval(path: str | Path) -> dict[str, Any]:
     records = data.get("records")
     if not isinstance(records, list) or not records:
         raise DialogRLError(f"{file}: missing or empty 'records' (not written by `dialogrl eval`?)")
-    first_of: dict[tuple[int, int], int] = {}
     for i, r in enumerate(records):
         _check_record(file, i, r)
-        trial = (r["scenario_seed"], r["repeat"])
-        if trial in first_of:  # it would weigh that scenario twice
-            raise DialogRLError(f"{file}: records[{i}] repeats records[{first_of[trial]}] (scenario_seed "
-                                f"{trial[0]}, repeat {trial[1]})")
-        first_of[trial] = i
+    _check_no_extra_copies(file, data, records)
     metrics = data.get("metrics", {})
     kl = metrics.get("kl_to_reference") if isinstance(metrics, dict) else None
     if kl is not None and not _finite(kl):
@@ -66,6 +61,28 @@ def load_eval(path: str | Path) -> dict[str, Any]:
 
 def _finite(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_no_extra_copies(file: Path, data: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    """A (scenario seed, repeat) pair appears as often as the evaluation drew that seed: scenario seeds are drawn
+    with replacement, so a large evaluation meets some customers twice, but a copied record would weigh its
+    scenario once more than the draw did."""
+    seen: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        seen[(r["scenario_seed"], r["repeat"])].append(i)
+    repeated = {trial: at for trial, at in seen.items() if len(at) > 1}
+    if not repeated:
+        return
+    drawn: dict[int, int] = {}
+    if isinstance(data.get("seed"), int) and isinstance(data.get("episodes"), int) and data["seed"] >= 0:
+        from dialogrl.evaluation import scenario_seeds  # only now: it imports gymnasium
+
+        for s in scenario_seeds(data["seed"], data["episodes"]):
+            drawn[s] = drawn.get(s, 0) + 1
+    for (seed, repeat), at in sorted(repeated.items()):
+        if len(at) > drawn.get(seed, 1):
+            raise DialogRLError(f"{file}: records[{at[-1]}] repeats records[{at[0]}] (scenario_seed {seed}, repeat "
+                                f"{repeat}) more often than the evaluation drew that scenario ({drawn.get(seed, 1)})")
 
 
 def _check_record(file: Path, i: int, r: Any) -> None:
@@ -119,7 +136,7 @@ def _check_same_setting(evals: list[dict[str, Any]]) -> None:
                                 "decoding and records): it would be counted as two runs; give each run once")
         same[identity] = e["_path"]
     for field in ("env_id", "split", "reward"):  # "reward": returns under different rewards do not compare
-        values = {json.dumps(e[field]): e["_path"] for e in evals if field in e}
+        values = {json.dumps(e[field], sort_keys=True): e["_path"] for e in evals if field in e}
         if len(values) > 1:
             raise DialogRLError(f"evaluations differ in {field}: " + "; ".join(f"{f}: {v}" for v, f in
                                                                               values.items()))

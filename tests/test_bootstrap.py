@@ -192,5 +192,10 @@ def test_bootstrap_out_is_new_empty_or_an_earlier_copy(tmp_path: Path, monkeypat
     assert "config.json" in files
     assert main(["bootstrap", "--out", str(out), *tiny]) == 0  # an earlier copy is replaced by the same model
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+    (out / "notes.txt").write_text("mine")  # a model folder the user added to: named, and left as it is
+    assert main(["bootstrap", "--out", str(out), *tiny]) == 2
+    assert "holds files that are not a base model's (notes.txt)" in capsys.readouterr().err
+    assert {p.name for p in out.iterdir()} == {*files, "notes.txt"}
+    (out / "notes.txt").unlink()
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and afile.read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "cache", "mine", "model"]  # no temp folder left

@@ -215,7 +215,7 @@ BAD_INPUT: dict[str, tuple[list[str], list[str]]] = {
     "unknown_policy": (["eval", "--policy", "nosuch_policy", "--episodes", "2"],
                        ["nosuch_policy", "neither a scripted policy (expert, historical"]),
     "unknown_intent": ([*EVAL, "--intent", "no_such_intent"], ["no_such_intent"]),
-    "negative_seed": ([*EVAL, "--seed", "-1"], ["seed", "-1"]),
+    "negative_seed": ([*EVAL, "--seed", "-1"], ["--seed", "must be zero or positive, got -1"]),
     "text_policy_on_acts_env": ([*EVAL, "--env", "dialogrl/CustomerServiceActs-v0"], ["CustomerServiceActs-v0"]),
     "scenario_wrong_type": ([*EVAL, "--scenario", "wrong_type.yaml"], ["wrong_type.yaml", "order"]),
     "scenario_bad_placeholder": ([*EVAL, "--scenario", "bad_placeholder.yaml", "--intent", "refund"],

@@ -99,6 +99,7 @@ def test_kl_estimators_are_unbiased_and_k3_never_negative() -> None:
     (["minibatch_episodes=5"], "minibatch_episodes=5: must divide episodes_per_iteration=64"),
     (["group_size=0"], "group_size=0: must be at least 1"),
     (["group_size=3"], "group_size=3: must divide episodes_per_iteration=64"),
+    (["group_size=4", "gamma=0.9"], "gamma=0.9: group_size > 1 compares each token's return-to-go"),
     (["keep=first"], "keep=first: use one of last, average, best"),
     (["average_last=0"], "average_last=0: must be at least 1"),
     (["validation_episodes=0"], "validation_episodes=0: must be at least 1"),
@@ -372,3 +373,44 @@ def test_value_detach_keeps_the_value_loss_out_of_the_policy(tiny_model_dir: Pat
     lora = [p.grad for name, p in module.named_parameters() if "lora_" in name]
     assert module.value_head.weight.grad.abs().sum() > 0
     assert all(g is None or not g.any() for g in lora) == detach
+
+
+def test_group_size_advantages_are_leave_one_out_and_the_value_head_is_not_trained(tiny_model_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    from dialogrl.agents.ppo import ppo_backward, prepare
+    from dialogrl.agents.ppo_model import build_policy
+    from dialogrl.agents.rollouts import RolloutBatch, TurnSample
+
+    torch.manual_seed(0)
+    cfg = PPOConfig(model=str(tiny_model_dir), output_dir=str(tmp_path), group_size=2)
+    module, _ = build_policy(cfg, tiny_model_dir, None)
+    torch.nn.init.normal_(module.value_head.weight)  # values that vary per token: GAE's would vary with them
+    rng = np.random.default_rng(0)
+    # Two customers played twice each: returns 1 and 0, then 0.5 and 0.5; three reply tokens per episode.
+    samples = [TurnSample(e, 0, rng.integers(10, 300, 8).tolist(), rng.integers(10, 300, 3).tolist(), r, True)
+               for e, r in enumerate([1.0, 0.0, 0.5, 0.5])]
+    data = prepare(module, RolloutBatch(samples, [{}] * 4), cfg, 0.0, _Ranks(1))
+    adv = [a.numpy() for a in data.advantages]  # whitened: leave-one-out gives +1, -1, 0, 0 before
+    assert np.allclose(adv[0], adv[0][0]) and adv[0][0] > 0 and np.allclose(adv[1], -adv[0])
+    assert np.allclose(adv[2], 0, atol=1e-6) and np.allclose(adv[3], 0, atol=1e-6)
+    gae_data = prepare(module, RolloutBatch(samples, [{}] * 4), replace(cfg, group_size=1), 0.0, _Ranks(1))
+    assert not np.allclose(gae_data.advantages[0].numpy(), gae_data.advantages[0][0].item())  # the other path
+
+    module.train()
+    for group_size, trained in ((2, False), (1, True)):
+        module.zero_grad()
+        ppo_backward(module, data, [0, 1], replace(cfg, group_size=group_size), _Ranks(1))
+        assert bool(module.value_head.weight.grad.abs().sum() > 0) == trained
+
+
+def test_processes_take_whole_minibatches_and_groups() -> None:
+    from dialogrl.agents.ppo import check_process_split
+
+    check_process_split(PPOConfig(episodes_per_iteration=64, group_size=4), 2)  # 16 customers: 8 each
+    with pytest.raises(DialogRLError, match="group_size=64: gives 1 customers per iteration, which do not split "
+                                            "evenly over 2 processes"):
+        check_process_split(PPOConfig(episodes_per_iteration=64, group_size=64), 2)
+    with pytest.raises(DialogRLError, match="group_size=16: gives 3 customers"):  # 32 and 16 episodes: a hang
+        check_process_split(PPOConfig(episodes_per_iteration=48, group_size=16), 2)
+    with pytest.raises(DialogRLError, match="minibatch_episodes=3: must be a multiple of the process count 2"):
+        check_process_split(PPOConfig(episodes_per_iteration=63, minibatch_episodes=3), 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -157,12 +158,15 @@ def test_runs_are_paired_by_training_seed_whatever_the_file_order(tmp_path: Path
     assert "success_rate_runs_resampled" not in partial["methods"]["ppo"]["vs_baseline"]
 
 
+def _record(s: int, repeat: int, ok: bool, bonus: float = 0.0, turns: int = 3) -> dict[str, Any]:
+    return {"scenario_seed": s, "repeat": repeat, "intent": "refund", "persona": "vague" if s % 2 else "cooperative",
+            "success": ok, "return": float(ok) + bonus, "turns": turns, "violations": 0, "invalid_actions": 0,
+            "reply_chars": 40.0, "reward_components": {"success": float(ok), "bonus": bonus}}
+
+
 def _eval(path: Path, method: str, successes: dict[int, list[bool]], training_seed: int | None = 0,
           decoding: str = "greedy", bonus: float = 0.0, turns: int = 3, **extra: object) -> Path:
-    records = [{"scenario_seed": s, "repeat": i, "intent": "refund", "persona": "vague" if s % 2 else "cooperative",
-                "success": ok, "return": float(ok) + bonus, "turns": turns, "violations": 0, "invalid_actions": 0,
-                "reply_chars": 40.0, "reward_components": {"success": float(ok), "bonus": bonus}}
-               for s, oks in successes.items() for i, ok in enumerate(oks)]
+    records = [_record(s, i, ok, bonus, turns) for s, oks in successes.items() for i, ok in enumerate(oks)]
     data = {"policy": method, "method": method, "env_id": "dialogrl/CustomerService-v0", "split": "test",
             "decoding": decoding, "training_seed": training_seed,
             "metrics": {"success_rate": float(np.mean([r["success"] for r in records]))}, "records": records}
@@ -285,8 +289,20 @@ def test_inconsistent_inputs_are_refused(tmp_path: Path) -> None:
     data = json.loads(twice.read_text())
     data["records"][1]["scenario_seed"] = 1
     twice.write_text(json.dumps(data))
-    with pytest.raises(DialogRLError, match=r"z.json: records\[1\] repeats records\[0\] \(scenario_seed 1, repeat 0\)"):
+    with pytest.raises(DialogRLError, match=r"z.json: records\[1\] repeats records\[0\] \(scenario_seed 1, repeat 0\) "
+                                            r"more often than the evaluation drew that scenario \(1\)"):
         compare([base, twice], "sft", tmp_path / "out")
+    # ... but a draw that met a customer twice is kept as drawn (seed 43's 2,000 scenarios hold one seed twice).
+    from dialogrl.evaluation import scenario_seeds
+
+    drawn = scenario_seeds(43, 2000)
+    assert len(set(drawn)) == 1999
+    big = [_eval(tmp_path / f"{m}43.json", m, {1: [True]}, seed=43, episodes=2000) for m in ("sft", "ppo")]
+    for path in big:
+        data = json.loads(path.read_text())
+        data["records"] = [_record(s, 0, s % 3 == 0) for s in drawn]
+        path.write_text(json.dumps(data))
+    compare(big, "sft", tmp_path / "big")
     swapped = _eval(tmp_path / "y.json", "ppo", {1: [True]})
     data = json.loads(swapped.read_text())
     data["records"][0]["persona"] = "angry"
@@ -331,3 +347,19 @@ def test_run_directory_holding_eval_json_is_accepted(tmp_path: Path) -> None:
     (tmp_path / "sft_run" / "run.json").write_text("{}")  # trained, not evaluated: the error says what to run
     with pytest.raises(DialogRLError, match=r"evaluate the run first: dialogrl eval --policy .*sft_run --out"):
         load_eval(tmp_path / "sft_run")
+
+
+def test_evaluations_record_their_reward_however_it_was_written() -> None:
+    from dialogrl.evaluation import evaluate
+    from dialogrl.policies.scripted import make_scripted
+    from dialogrl.rewards import DEFAULT_WEIGHTS
+
+    def brevity(t: object) -> float:
+        return 0.0
+
+    expert = make_scripted("expert")
+    first = evaluate(expert, episodes=2, env_kwargs={"reward": ["success", {brevity: 0.5}]})  # was a TypeError
+    second = evaluate(expert, episodes=2, env_kwargs={"reward": [(brevity, 0.5), f"success={DEFAULT_WEIGHTS['success']}"]})
+    assert first["reward"] == second["reward"] == {"brevity": 0.5, "success": DEFAULT_WEIGHTS["success"]}
+    assert json.loads(json.dumps(first))["reward"] == first["reward"]
+    assert evaluate(expert, episodes=2)["reward"] is None  # the env's default mix
