@@ -267,7 +267,10 @@ def comparable_config(cfg: PPOConfig) -> dict[str, Any]:
 
 
 def check_output(cfg: PPOConfig, out: Path) -> None:
-    """``output_dir`` must be new, or a PPO run to resume with the same settings (else one error, nothing written)."""
+    """``output_dir`` must be new, or a PPO run to resume with the same settings (else one error, nothing written).
+    An SFT or DPO run holds only names a PPO run holds too, so its ``run.json`` tells them apart."""
+    if cfg.init_adapter and out.resolve() == Path(cfg.init_adapter).resolve():
+        raise DialogRLError(f"output_dir {out} is init_adapter, the run PPO starts from: choose another output_dir")
     if not out.exists():
         return
     if not out.is_dir():
@@ -277,6 +280,13 @@ def check_output(cfg: PPOConfig, out: Path) -> None:
         raise DialogRLError(f"output_dir {out} is not a PPO run directory (it holds {strangers[0]}); PPO writes "
                             "into, and resumes, only its own runs: choose another output_dir")
     state_file = out / "checkpoint" / "state.json"
+    if not state_file.is_file() and ((out / "run.json").exists() or (out / "adapter").exists()):
+        try:
+            what = f"a '{json.loads((out / 'run.json').read_text())['method']}' run"
+        except (OSError, ValueError, KeyError, TypeError):
+            what = "a run"
+        raise DialogRLError(f"output_dir {out} holds {what} but no PPO checkpoint: PPO writes into, and resumes, "
+                            "only its own runs; choose another output_dir")
     saved = json.loads(state_file.read_text()).get("config") if state_file.is_file() else None
     if saved is None:  # no checkpoint, or one written before checkpoints kept their config
         return

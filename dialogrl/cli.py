@@ -57,7 +57,8 @@ class _HelpWithKeys(argparse.Action):
         command = parser.prog.partition(" ")[2]
         module, _, name = CONFIG_CLASSES[command].partition(":")
         parser.formatter_class = argparse.RawDescriptionHelpFormatter
-        parser.epilog = (f"config keys (set in the --config YAML or as KEY=VALUE; unknown keys are errors):\n"
+        where = "as KEY=VALUE" if command in ("sb3", "bootstrap") else "in the --config YAML or as KEY=VALUE"
+        parser.epilog = (f"config keys (set {where}; unknown keys are errors):\n"
                          f"{describe_config(getattr(importlib.import_module(module), name))}")
         parser.print_help()
         parser.exit()
@@ -88,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a policy on held-out scenarios")
     p.add_argument("--policy", required=True, help="expert | historical | random | a run directory")
     p.add_argument("--repeats", type=count_arg, default=1, help="episodes per scenario (for pass^k)")
+    p.add_argument("--batch-size", type=count_arg, default=64,
+                   help="conversations per generate call; a sampled evaluation repeats exactly for the same seed, "
+                        "episodes and batch size (64: as a run's own eval_sampled.json)")
     p.add_argument("--out", type=out_path_arg)
     p.add_argument("--method", type=name_arg, help="method name in reports (default: the run's method, else the policy's name)")
     p.add_argument("--decoding", choices=["greedy", "sampled"],
@@ -211,6 +215,7 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     method, training_seed = args.method or run.get("method"), run.get("seed")
     result = evaluate(policy, args.env, split=args.split, episodes=args.episodes, seed=args.seed,
                       repeats=args.repeats, env_kwargs=env_kwargs(args), method=method, decoding=decoding,
+                      batch_size=args.batch_size,
                       training_seed=training_seed if isinstance(training_seed, int) else None,
                       keep_messages=args.transcripts is not None)
     print(format_metrics({result["method"]: result}))

@@ -166,14 +166,16 @@ def text_policy_act(policy: Any) -> ActFn:
 def evaluate(
     policy: Any, env_id: str = "dialogrl/CustomerService-v0", *, split: str = "test", episodes: int = 200,
     seed: int = 0, repeats: int = 1, env_kwargs: dict[str, Any] | None = None, act: ActFn | None = None,
-    method: str | None = None, decoding: str | None = None, training_seed: int | None = None, batch_size: int = 32,
+    method: str | None = None, decoding: str | None = None, training_seed: int | None = None, batch_size: int = 64,
     keep_messages: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a policy on ``episodes`` held-out scenarios; returns the eval-JSON dict.
 
     ``decoding`` labels the evaluation in reports; None: ``greedy`` or ``sampled`` for a policy with generation
     settings (an LM policy), else ``scripted``. ``keep_messages``: every record keeps its conversation
-    (``messages``, HF format), e.g. for :func:`dialogrl.data.write_logs`."""
+    (``messages``, HF format), e.g. for :func:`dialogrl.data.write_logs`. ``batch_size`` conversations are
+    answered per ``generate`` call, which draws one sampling stream for all of them: a sampled evaluation repeats
+    exactly for the same seed, episodes and ``batch_size`` (a run's own evaluation uses the default)."""
     if episodes <= 0:
         raise DialogRLError(f"episode count must be positive, got {episodes}")
     if repeats <= 0:
@@ -232,7 +234,7 @@ def evaluate_run(run_dir: Path, episodes: int, seed: int, method: str, training_
     for decoding, name in (("greedy", "eval.json"), ("sampled", "eval_sampled.json")):
         policy = LMPolicy.from_run_dir(run_dir, decoding=decoding)
         result = evaluate(policy, env_id, split="test", episodes=episodes, seed=seed, method=method,
-                          decoding=decoding, training_seed=training_seed, env_kwargs=env_kwargs, batch_size=64)
+                          decoding=decoding, training_seed=training_seed, env_kwargs=env_kwargs)
         write_json(result, run_dir / name)
         results[decoding] = result
     return results

@@ -246,8 +246,9 @@ from_env = register_reward("reward_model")(_RewardFromEnv())
 
 @register_reward("reward_model_final")
 def final_from_env(t: Transition) -> float:
-    """:func:`from_env` on the episode's last reply only, 0 on every earlier turn (``reward_model_final``, or
-    ``dialogrl.rewards.reward_model:final_from_env``).
+    """The learned reward (``reward_model``) of the episode's last reply only, 0 on every earlier turn.
+
+    Named ``reward_model_final``, or ``dialogrl.rewards.reward_model:final_from_env``.
 
     A per-reply learned reward summed over turns pays again for every repetition of a reply the model likes;
     scored once, at the end, a conversation earns what its outcome-bearing last reply earns.

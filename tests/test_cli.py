@@ -87,6 +87,14 @@ def test_eval_of_a_run_directory_records_its_method_seed_and_decoding(tiny_model
     with_transcripts = run_eval(tmp_path, *args, "--transcripts", str(tmp_path / "t.jsonl"), name="t.json")
     assert with_transcripts["metrics"] == greedy["metrics"]  # KL included: transcripts change nothing measured
     assert len((tmp_path / "t.jsonl").read_text().splitlines()) == 3
+    # The run's own sampled evaluation is what `dialogrl eval --decoding sampled` gives, past one batch of 32
+    # (the command's batch was 32 and the run's 64: 7 of 10 sampled conversations differed).
+    from dialogrl.evaluation import evaluate_run
+
+    own = evaluate_run(run, 70, 0, method="sft", training_seed=3, env_kwargs={"max_turns": 2})["sampled"]
+    again = run_eval(tmp_path, "--policy", str(run), "--episodes", "70", "--max-turns", "2", "--decoding", "sampled",
+                     name="again.json")
+    assert again["records"] == own["records"]
     # A fresh LoRA adapter (B = 0) has not moved the model: KL to the reference (adapter disabled) is 0.
     assert greedy["metrics"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)
     assert "kl_to_reference" in format_metrics({"sft": greedy})

@@ -54,6 +54,16 @@ def test_command_help_lists_keys_defaults_and_docs(capsys: pytest.CaptureFixture
     assert "usage: dialogrl ppo" in out
     assert "  kl_coef (float) = 0.05\n      Per-token KL penalty to the reference policy" in out
     assert "  max_update_kl (float | None) = None" in out
+    assert "config keys (set in the --config YAML or as KEY=VALUE" in out
+
+
+@pytest.mark.parametrize("command", ["sb3", "bootstrap"])
+def test_help_of_commands_without_a_config_file_does_not_offer_one(command: str,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert "config keys (set as KEY=VALUE;" in out and "--config" not in out  # said "set in the --config YAML"
 
 
 @pytest.mark.parametrize("args", [["--help"], *([c, "--help"] for c in sorted(CONFIG_CLASSES))])

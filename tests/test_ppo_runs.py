@@ -96,6 +96,17 @@ def test_output_dir_is_new_or_a_ppo_run(tiny_model_dir: Path, tmp_path: Path, br
     with pytest.raises(DialogRLError, match=r"mine is not a PPO run directory \(it holds notes.txt\)"):
         train_ppo(ppo_config(tiny_model_dir, mine, brevity_reward, iterations=1))
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    # An SFT run holds only names a PPO run holds too: it was trained over, even when it was PPO's own start.
+    sft = tmp_path / "sft"
+    (sft / "adapter").mkdir(parents=True)
+    (sft / "adapter" / "adapter_model.safetensors").write_text("sft weights")
+    (sft / "run.json").write_text(json.dumps({"method": "sft", "base_model": str(tiny_model_dir)}))
+    with pytest.raises(DialogRLError, match=r"sft holds a 'sft' run but no PPO checkpoint"):
+        train_ppo(ppo_config(tiny_model_dir, sft, brevity_reward, iterations=1))
+    with pytest.raises(DialogRLError, match=r"sft is init_adapter, the run PPO starts from"):
+        train_ppo(ppo_config(tiny_model_dir, sft, brevity_reward, iterations=1, init_adapter=str(sft)))
+    assert (sft / "adapter" / "adapter_model.safetensors").read_text() == "sft weights"
+    assert sorted(p.name for p in sft.iterdir()) == ["adapter", "run.json"]
     out = tmp_path / "new"  # a run that fails before its first checkpoint leaves no folder behind
     with pytest.raises(DialogRLError, match="model"):
         train_ppo(ppo_config(tmp_path / "no_such_model", out, brevity_reward, iterations=1))
