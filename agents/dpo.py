@@ -34,7 +34,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from dialogrl.agents.lora import check_lora_fields, lora_config
+from dialogrl.agents.lora import check_lora_fields, lora_config, save_adapter
 from dialogrl.agents.preferences import check_pairs_per_state, collect_pairs, write_pairs
 from dialogrl.agents.rollouts import TrainingEnvConfig
 from dialogrl.agents.trl_args import cpu_trainer_args
@@ -327,7 +327,7 @@ def _save(cfg: DPOConfig, trainer: Any, start_dir: Path, tmp: Path, target: Path
           history: list[dict[str, Any]]) -> None:
     from dialogrl.agents.versions import package_versions
 
-    trainer.model.save_pretrained(str(tmp / "adapter"))
+    save_adapter(trainer.model, tmp / "adapter")
     trainer.processing_class.save_pretrained(str(tmp / "adapter"))
     merged = start_dir.resolve() == (tmp / "base").resolve()
     base_ref = "base" if merged else str(start_dir.resolve())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from dialogrl.config import check_at_least, check_number
@@ -32,6 +34,18 @@ def lora_config(model: Any, targets: list[str] | str, *, r: int, alpha: float, d
                         fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2")
     check_target_modules(model, config)
     return config
+
+
+def save_adapter(model: Any, path: str | Path) -> None:
+    """``model.save_pretrained(path)`` for a PEFT model, with ``target_modules`` in ``adapter_config.json`` sorted:
+    PEFT resolves ``all-linear`` to a set and writes it in the process's hash order, so two runs of the same seed
+    wrote different files for the same adapter."""
+    model.save_pretrained(str(path))
+    config_file = Path(path) / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def check_target_modules(model: Any, config: Any) -> None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dialogrl.agents.lora import save_adapter
 from dialogrl.agents.rollouts import collect
 from dialogrl.evaluation import scenario_seeds
 from dialogrl.types import DialogRLError
@@ -137,7 +138,7 @@ def save_checkpoint(inner: PolicyWithValue, optimizer: Any, state: dict[str, Any
         tmp = ckpt.with_name(ckpt.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        inner.policy.save_pretrained(tmp / "adapter")
+        save_adapter(inner.policy, tmp / "adapter")
         torch.save(inner.value_head.state_dict(), tmp / "value_head.pt")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         for name, weights in snapshots.items():

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from dialogrl.agents.lora import lora_config
+from dialogrl.agents.lora import lora_config, save_adapter
 from dialogrl.rewards.reward_model import ENV_PATHS
 from dialogrl.types import DialogRLError
 
@@ -235,7 +235,7 @@ def save_run(inner: PolicyWithValue, start_dir: Path, cfg: PPOConfig, state: dic
     """
     from dialogrl.agents.versions import package_versions
 
-    inner.policy.save_pretrained(out / "adapter")
+    save_adapter(inner.policy, out / "adapter")
     torch.save(inner.value_head.state_dict(), out / "value_head.pt")
     base_ref = "base" if start_dir.resolve() == (out / "base").resolve() else str(start_dir)
     run = {"method": cfg.method, "base_model": base_ref, "adapter": "adapter", "seed": cfg.seed,

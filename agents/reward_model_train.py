@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dialogrl.agents.lora import check_lora_fields, lora_config
+from dialogrl.agents.lora import check_lora_fields, lora_config, save_adapter
 from dialogrl.agents.preferences import collect_pairs, write_pairs
 from dialogrl.agents.rollouts import TrainingEnvConfig
 from dialogrl.agents.trl_args import cpu_trainer_args
@@ -316,7 +316,7 @@ def _train(cfg: RewardModelConfig, base: Path, train: list[dict[str, Any]], held
         "train_loss": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h],
         "steps": trainer.state.global_step, "wall_time_s": round(wall, 2),
     }
-    trainer.model.save_pretrained(str(tmp / "adapter"))
+    save_adapter(trainer.model, tmp / "adapter")
     tokenizer.save_pretrained(str(tmp / "adapter"))
     shutil.rmtree(tmp / "trainer", ignore_errors=True)
     return metrics, max_length

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from dialogrl.agents.lora import check_lora_fields, lora_config
+from dialogrl.agents.lora import check_lora_fields, lora_config, save_adapter
 from dialogrl.agents.trl_args import cpu_trainer_args
 from dialogrl.agents.versions import package_versions
 from dialogrl.config import check_number, check_seeds, config_to_dict, dump_config, load_config
@@ -317,7 +317,7 @@ def _train(config: SFTConfig, train_rows: list[dict], eval_rows: list[dict], tmp
     history = list(trainer.state.log_history)
     # The validation loss of the weights being saved: shows that the best checkpoint, not the last, was kept.
     saved_eval_loss = trainer.evaluate()["eval_loss"] if validate else None
-    trainer.model.save_pretrained(str(tmp / "adapter"))
+    save_adapter(trainer.model, tmp / "adapter")
     tokenizer.save_pretrained(str(tmp / "adapter"))
     shutil.rmtree(tmp / "trainer", ignore_errors=True)  # checkpoints: the best one is already loaded and saved
 

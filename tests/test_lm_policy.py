@@ -129,6 +129,20 @@ def test_lora_adapter_loads_with_peft_and_with_lm_policy(tiny_model_dir: Path, t
     assert [g.response_ids for g in greedy.generate(conversations)] == [g.response_ids for g in merged]
 
 
+def test_saved_adapters_list_their_targets_in_a_stable_order(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from dialogrl.agents.lora import lora_config, save_adapter
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, local_files_only=True)
+    save_adapter(get_peft_model(base, lora_config(base, "all-linear", r=2, alpha=4)), tmp_path / "adapter")
+    targets = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    assert len(targets) >= 5 and targets == sorted(targets)  # PEFT wrote its set in hash order
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dir, local_files_only=True)
+    assert isinstance(PeftModel.from_pretrained(fresh, tmp_path / "adapter"), PeftModel)
+
+
 def test_corrupt_weights_fail_in_one_line_naming_the_folder(tiny_model_dir: Path, tmp_path: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
