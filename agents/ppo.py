@@ -60,17 +60,15 @@ def gae(rewards: np.ndarray, values: np.ndarray, gamma: float, lam: float) -> np
     return advantages
 
 
-def leave_one_out(rewards: dict[int, np.ndarray], group_size: int, gamma: float) -> dict[int, np.ndarray]:
-    """Per episode, each token's reward-to-go minus the mean return of the other episodes of its group (episodes
-    ``g * group_size`` to ``(g + 1) * group_size - 1`` played the same customer): RLOO's baseline, which needs no
-    value estimate. Written here because TRL's RLOO trainer scores single replies, not conversations."""
-    to_go = {e: gae(r, np.zeros_like(r), gamma, 1.0) for e, r in rewards.items()}
-    start = {e: float(g[0]) if len(g) else 0.0 for e, g in to_go.items()}
-    out: dict[int, np.ndarray] = {}
-    for e, g in to_go.items():
+def leave_one_out(returns: dict[int, float], group_size: int) -> dict[int, float]:
+    """Per episode, the mean return of the other episodes of its group (episodes ``g * group_size`` to
+    ``(g + 1) * group_size - 1`` played the same customer): RLOO's baseline, which needs no value estimate.
+    Written here because TRL's RLOO trainer scores single replies, not conversations."""
+    out: dict[int, float] = {}
+    for e in returns:
         first = e - e % group_size
-        others = [start[o] for o in range(first, first + group_size) if o != e and o in start]
-        out[e] = g - (float(np.mean(others)) if others else 0.0)
+        others = [returns[o] for o in range(first, first + group_size) if o != e and o in returns]
+        out[e] = float(np.mean(others)) if others else 0.0
     return out
 
 
@@ -131,11 +129,14 @@ def prepare(module: PolicyWithValue, batch: RolloutBatch, cfg: PPOConfig, kl_coe
         kl_sum += float(sum(k.sum() for k in kl))
         tokens += sum(len(k) for k in kl)
         shaped[episode] = np.concatenate(rewards)
-    grouped = leave_one_out(shaped, cfg.group_size, cfg.gamma) if cfg.group_size > 1 else {}
+    to_go: dict[int, np.ndarray] = {}  # with a group baseline: each token's reward-to-go (gamma is 1 then)
+    if cfg.group_size > 1:
+        to_go = {e: np.cumsum(r[::-1])[::-1].copy() for e, r in shaped.items()}  # copy: torch wants + strides
+        baseline = leave_one_out({e: float(g[0]) if len(g) else 0.0 for e, g in to_go.items()}, cfg.group_size)
     for episode, indices in by_episode.items():
         flat_v = np.concatenate([values[i].numpy() for i in indices])
-        if grouped:  # the value head's target is then the reward-to-go (its loss is logged, not trained on)
-            adv, ret = grouped[episode], gae(shaped[episode], np.zeros_like(flat_v), cfg.gamma, 1.0)
+        if to_go:  # the value head's target is then the reward-to-go (its loss is logged, not trained on)
+            adv, ret = to_go[episode] - baseline[episode], to_go[episode]
         else:
             adv = gae(shaped[episode], flat_v, cfg.gamma, cfg.lam)
             ret = adv + flat_v

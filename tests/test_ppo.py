@@ -29,17 +29,13 @@ def test_gae_matches_hand_computation() -> None:
     assert np.allclose(adv0, [0.6 - 0.5, 0.7 - 0.6, 1.0 - 0.7])
 
 
-def test_leave_one_out_is_reward_to_go_minus_the_other_plays_mean() -> None:
+def test_leave_one_out_is_the_mean_return_of_the_other_plays() -> None:
     from dialogrl.agents.ppo import leave_one_out
 
-    rewards = {0: np.array([0.0, 1.0]), 1: np.array([2.0]), 2: np.array([0.5, 0.0, 0.5]),  # customer 0
-               3: np.array([1.0, -1.0]), 4: np.array([3.0])}  # customer 1 (episode 5 missing: not on this process)
-    got = leave_one_out(rewards, group_size=3, gamma=1.0)
-    assert np.allclose(got[0], [1.0 - 1.5, 1.0 - 1.5])  # others' returns 2.0 and 1.0
-    assert np.allclose(got[1], [2.0 - 1.0])
-    assert np.allclose(got[2], [1.0 - 1.5, 0.5 - 1.5, 0.5 - 1.5])
-    assert np.allclose(got[3], [0.0 - 3.0, -1.0 - 3.0]) and np.allclose(got[4], [3.0 - 0.0])
-    assert np.allclose(leave_one_out({0: np.array([0.0, 1.0]), 1: np.array([0.0])}, 2, 0.5)[0], [0.5, 1.0])
+    returns = {0: 1.0, 1: 2.0, 2: 1.0,  # customer 0, played three times
+               3: 0.0, 4: 3.0}  # customer 1 (episode 5 missing: not on this process)
+    assert leave_one_out(returns, group_size=3) == {0: 1.5, 1: 1.0, 2: 1.5, 3: 3.0, 4: 0.0}
+    assert leave_one_out({7: 2.0}, group_size=2) == {7: 0.0}  # alone in its group: no baseline
 
 
 @pytest.mark.parametrize("processes", [1, 2])
