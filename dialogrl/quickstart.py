@@ -26,7 +26,7 @@ SCRIPTED_REFERENCES = ("expert", "historical")
 """Scripted policies the job evaluates beside the trained methods (each can be the ``baseline``)."""
 LEARNED_REWARD = "dialogrl.rewards.reward_model:from_env"
 """The reward spec ``ppo-rm`` trains on: the reward model(s) named by $DIALOGRL_REWARD_MODEL, nothing else."""
-LEARNED_REWARD_PPO = ("kl_coef=1.0", "value_detach=true", "value_clip=null")
+LEARNED_REWARD_PPO = ("kl_coef=1.0", "value_detach=true", "value_clip=null", "group_size=1", "iterations=20")
 """``ppo-rm``'s PPO settings (``ppo:`` overrides still win). The learned reward pays about 2 per reply (returns
 around 8 per episode) against the rule reward's 0.3-0.6 per episode, so PPO's default KL coefficient 0.05 is twenty
 times weaker against it: with 0.05, ppo-rm drifted to 5 nats per reply from SFT and gamed the reward model
@@ -34,7 +34,9 @@ times weaker against it: with 0.05, ppo-rm drifted to 5 nats per reply from SFT 
 still collapsed (entropy 0.06 -> 2.7); ``kl_estimator=k3`` (never negative) kept all three (0.600 against 0.497)
 but drifted further on the default logs (0.543, KL 3.2 nats per reply). Returns that large also make the value
 loss large, and through the shared layers it moved the policy: with the value head reading the hidden state
-detached and no value clip, 0.643 against 0.580 (3 seeds, 2026-12-02): see docs/results.md."""
+detached and no value clip, 0.643 against 0.580 (3 seeds, 2026-12-02): see docs/results.md. It keeps GAE on the value
+head and 20 iterations, the settings it was measured with (the rule-reward PPO moved to a group baseline and 40
+iterations afterwards)."""
 
 
 @dataclass

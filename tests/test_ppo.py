@@ -43,7 +43,7 @@ def test_iteration_seeds_give_each_process_whole_groups(processes: int) -> None:
     from dialogrl.agents.ppo import iteration_seeds
     from dialogrl.evaluation import scenario_seeds
 
-    plain = PPOConfig(seed=3, episodes_per_iteration=8, minibatch_episodes=4)
+    plain = PPOConfig(seed=3, episodes_per_iteration=8, minibatch_episodes=4, group_size=1)
     assert [iteration_seeds(plain, 5, r, processes) for r in range(processes)] == [
         scenario_seeds(3 * 7919 + 5, 8)[r::processes] for r in range(processes)]  # as before groups existed
     grouped = replace(plain, group_size=4)
@@ -409,4 +409,4 @@ def test_processes_take_whole_minibatches_and_groups() -> None:
     with pytest.raises(DialogRLError, match="group_size=16: gives 3 customers"):  # 32 and 16 episodes: a hang
         check_process_split(PPOConfig(episodes_per_iteration=48, group_size=16), 2)
     with pytest.raises(DialogRLError, match="minibatch_episodes=3: must be a multiple of the process count 2"):
-        check_process_split(PPOConfig(episodes_per_iteration=63, minibatch_episodes=3), 2)
+        check_process_split(PPOConfig(episodes_per_iteration=63, minibatch_episodes=3, group_size=1), 2)
