@@ -14,9 +14,8 @@ from typing import Any
 import gymnasium as gym
 
 from dialogrl.config import check_at_least, check_number
-from dialogrl.evaluation import make_env
+from dialogrl.evaluation import make_env, require_text_env
 from dialogrl.rewards.combine import batched_reward
-from dialogrl.types import DialogRLError
 
 
 @dataclass
@@ -49,14 +48,7 @@ class TrainingEnvConfig:
         (one line, the env is built once), before any work."""
         kwargs = {"split": "train", **self._tasks(), **({"reward": list(self.rewards)} if self.rewards else {}),
                   **({"opening_word_dropout": self.opening_word_dropout} if self.opening_word_dropout else {})}
-        env = make_env(self.env_id, **kwargs)
-        try:
-            if not isinstance(env.action_space, gym.spaces.Text):
-                raise DialogRLError(f"env_id={self.env_id}: takes dialogue acts, not text replies; a language model "
-                                    "trains on a text env such as dialogrl/CustomerService-v0 (`dialogrl sb3` "
-                                    "trains on the acts env)")
-        finally:
-            env.close()
+        require_text_env(self.env_id, kwargs, setting="env_id")  # an LM needs text replies
         return lambda: make_env(self.env_id, **kwargs)
 
     def held_out_tasks(self) -> dict[str, Any]:

@@ -147,12 +147,14 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def require_text_env(env_id: str, kwargs: dict[str, Any]) -> None:
-    """Text policies need the text action space; fail with one line otherwise."""
+def require_text_env(env_id: str, kwargs: dict[str, Any], setting: str | None = None) -> None:
+    """Text policies need the text action space; fail with one line otherwise (naming the config ``setting``
+    that chose the env, when there is one)."""
     env = make_env(env_id, **kwargs)
     try:
         if not isinstance(env.action_space, gym.spaces.Text):
-            raise DialogRLError(f"env '{env_id}' takes dialogue acts, not text replies; use a text env such as "
+            which = f"{setting}={env_id}:" if setting else f"env '{env_id}'"
+            raise DialogRLError(f"{which} takes dialogue acts, not text replies; use a text env such as "
                                 "dialogrl/CustomerService-v0 (or `dialogrl sb3` for the acts env)")
     finally:
         env.close()
