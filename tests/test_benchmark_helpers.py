@@ -1,8 +1,11 @@
-"""The rollout benchmark's accounting of idle decoding rows, on a hand-counted case."""
+"""Benchmark helpers: the rollout benchmark's accounting of idle decoding rows on a hand-counted case, and the
+fresh-scenario benchmark's input checks."""
 
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
@@ -39,3 +42,23 @@ def test_chunk_log_records_each_generate_call_and_restores_the_policy(rollout_sp
     assert log.chunks == [[2, 3], [1]]
     policy._generate_chunk([[1]], [])
     assert log.chunks == [[2, 3], [1]]  # no longer recorded
+
+
+FRESH = Path(__file__).resolve().parents[1] / "benchmarks" / "learning_fresh_scenarios.py"
+
+
+@pytest.mark.parametrize(("setup", "args", "message"), [
+    ("none", [], "is not a learning-benchmark folder"),
+    ("settings", ["--eval-seed", "0"], "--eval-seed: 0 is the folder's own evaluation seed"),
+    ("settings", ["--methods", "sft"], "no finished run in"),
+    ("settings", ["--extra", "gae=runs/ppo"], "expected NAME=PATTERN with {seed} in PATTERN"),
+])
+def test_fresh_scenario_benchmark_refuses_bad_input_before_any_work(
+        tmp_path: Path, setup: str, args: list[str], message: str) -> None:
+    if setup == "settings":
+        (tmp_path / "quickstart.json").write_text('{"eval_seed": 0}')
+    done = subprocess.run([sys.executable, str(FRESH), "--work", str(tmp_path), *args],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert message in done.stderr.strip().splitlines()[-1]
+    assert not list(tmp_path.glob("fresh-scenarios-*"))

@@ -1,0 +1,117 @@
+"""The learning benchmark's runs on held-out scenarios that no choice was made on.
+
+Every default behind ``benchmarks/learning.py`` (PPO's per-customer baseline and iteration count, ``keep:
+average``, the KL coefficient of ``ppo-rm``, ...) was chosen by comparing runs on the benchmark's held-out
+scenarios (test split, evaluation seed 0), so its differences carry some selection on those 200 scenarios. This
+re-evaluates the finished runs of a learning-benchmark folder, unchanged, on test-split scenarios drawn from
+another evaluation seed (same held-out phrasings, other customers, orders and personas), greedily, each run in
+a fresh ``dialogrl eval`` process, and compares every method with SFT as ``learning.py`` does (paired bootstrap
+CIs over the shared scenarios, training seeds pooled; the same targets, judged the same way).
+
+    python benchmarks/learning_fresh_scenarios.py --work runs/learning-benchmark-v8 \
+        --extra ppo-gae=runs/learning-benchmark-v7/ppo-s{seed}   # also the runs of an earlier default
+
+Writes benchmarks/results/learning_fresh_scenarios.json, and the evaluations and the report under
+``WORK/fresh-scenarios-seed{N}/``. A rerun resumes: evaluations already written are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from learning import summarise
+
+from dialogrl.evaluation import write_json
+from dialogrl.report import compare
+
+METHODS = "sft,sft-filtered,ppo,dpo,ppo-rm,sft-expert"
+
+
+def _evaluate(policy: str, out: Path, args: argparse.Namespace, extra: list[str]) -> float:
+    """One greedy evaluation in its own process; seconds taken (0 when reused)."""
+    if out.exists():
+        return 0.0
+    started = time.perf_counter()
+    dialogrl = Path(sys.executable).with_name("dialogrl")
+    command = [str(dialogrl), "eval", "--policy", policy, "--episodes", str(args.episodes),
+               "--seed", str(args.eval_seed), "--out", str(out), *extra]
+    print(" ".join(command), flush=True)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "TQDM_DISABLE": "1"})
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="runs/learning-benchmark", help="a finished learning-benchmark folder")
+    parser.add_argument("--eval-seed", type=int, default=1, help="held-out scenario seed (not the folder's own)")
+    parser.add_argument("--episodes", type=int, default=1000, help="held-out test scenarios")
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds per method")
+    parser.add_argument("--methods", default=METHODS, help="comma-separated, in order; their runs must exist")
+    parser.add_argument("--extra", nargs="*", default=[], metavar="NAME=PATTERN",
+                        help="more runs to evaluate under NAME, PATTERN a run folder with {seed}")
+    parser.add_argument("--out", default="benchmarks/results/learning_fresh_scenarios.json")
+    args = parser.parse_args()
+
+    work = Path(args.work)
+    settings_file = work / "quickstart.json"
+    if not settings_file.is_file():
+        parser.error(f"--work: {work} is not a learning-benchmark folder (no quickstart.json)")
+    settings = json.loads(settings_file.read_text())
+    if args.eval_seed == settings["eval_seed"]:
+        parser.error(f"--eval-seed: {args.eval_seed} is the folder's own evaluation seed; pick another")
+    if args.episodes < 1 or args.seeds < 1:
+        parser.error("--episodes and --seeds must be at least 1")
+    runs: dict[str, str] = {f"{m}-s{s}": str(work / f"{m}-s{s}")
+                            for m in args.methods.split(",") for s in range(args.seeds)}
+    names = []
+    for item in args.extra:
+        name, sep, pattern = item.partition("=")
+        if not sep or not name or "{seed}" not in pattern:
+            parser.error(f"--extra: expected NAME=PATTERN with {{seed}} in PATTERN, got {item!r}")
+        names.append(name)
+        runs.update({f"{name}-s{s}": pattern.format(seed=s) for s in range(args.seeds)})
+    missing = [path for path in runs.values() if not (Path(path) / "run.json").is_file()]
+    if missing:
+        parser.error(f"no finished run in {missing[0]} (and {len(missing) - 1} more)" if len(missing) > 1
+                     else f"no finished run in {missing[0]}")
+
+    folder = work / f"fresh-scenarios-seed{args.eval_seed}"
+    folder.mkdir(exist_ok=True)
+    timings_file = folder / "timings.json"  # seconds of every evaluation, earlier runs of a resumed one included
+    timings: dict[str, float] = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    paths = []
+    for key, run_dir in runs.items():
+        name, _, seed = key.rpartition("-s")
+        extra = ["--method", name] if name in names else []
+        paths.append(folder / f"{key}.json")
+        timings[key] = _evaluate(run_dir, paths[-1], args, extra) or timings.get(key, 0.0)
+        write_json(timings, timings_file)
+    errors = [f"{k}={v}" for k, v in sorted((settings.get("log_errors") or {}).items())]
+    for name in ("expert", "historical"):
+        paths.append(folder / f"{name}.json")
+        timings[name] = _evaluate(name, paths[-1], args, [arg for e in errors for arg in ("--error", e)]
+                                  if name == "historical" else []) or timings.get(name, 0.0)
+        write_json(timings, timings_file)
+
+    report = compare(paths, "sft", folder / "report")
+    vs_other = {name: compare(paths, name, folder / f"report_vs_{sub}")
+                for name, sub in (("sft-filtered", "filtered"), ("sft-expert", "expert_logs"))
+                if name in args.methods.split(",")}
+    summary_args = argparse.Namespace(seeds=args.seeds, methods=args.methods, episodes=args.episodes,
+                                      log_errors=settings.get("log_errors"), base=settings.get("base"), quick=False)
+    result = summarise(report, sum(timings.values()), summary_args, vs_other)
+    result.update({"benchmark": "learning_fresh_scenarios", "work": str(work), "eval_seed": args.eval_seed,
+                   "runs_eval_seed": settings["eval_seed"], "extra_runs": dict(item.split("=", 1)
+                                                                              for item in args.extra)})
+    write_json(result, Path(args.out))
+    print(json.dumps(result["targets"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
