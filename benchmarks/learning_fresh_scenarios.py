@@ -33,10 +33,10 @@ from dialogrl.report import compare
 METHODS = "sft,sft-filtered,ppo,dpo,ppo-rm,sft-expert"
 
 
-def _evaluate(policy: str, out: Path, args: argparse.Namespace, extra: list[str]) -> float:
-    """One greedy evaluation in its own process; seconds taken (0 when reused)."""
+def _evaluate(policy: str, out: Path, args: argparse.Namespace, extra: list[str]) -> float | None:
+    """One greedy evaluation in its own process; seconds taken (None when the file was already there)."""
     if out.exists():
-        return 0.0
+        return None
     started = time.perf_counter()
     dialogrl = Path(sys.executable).with_name("dialogrl")
     command = [str(dialogrl), "eval", "--policy", policy, "--episodes", str(args.episodes),
@@ -85,19 +85,19 @@ def main() -> None:
     folder.mkdir(exist_ok=True)
     timings_file = folder / "timings.json"  # seconds of every evaluation, earlier runs of a resumed one included
     timings: dict[str, float] = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
-    paths = []
-    for key, run_dir in runs.items():
-        name, _, seed = key.rpartition("-s")
-        extra = ["--method", name] if name in names else []
+    errors = [arg for name, rate in sorted((settings.get("log_errors") or {}).items())
+              for arg in ("--error", f"{name}={rate}")]
+    jobs = [(key, run_dir, ["--method", key.rpartition("-s")[0]] if key.rpartition("-s")[0] in names else [])
+            for key, run_dir in runs.items()] + [("expert", "expert", []), ("historical", "historical", errors)]
+    paths, untimed = [], []
+    for key, policy, extra in jobs:
         paths.append(folder / f"{key}.json")
-        timings[key] = _evaluate(run_dir, paths[-1], args, extra) or timings.get(key, 0.0)
-        write_json(timings, timings_file)
-    errors = [f"{k}={v}" for k, v in sorted((settings.get("log_errors") or {}).items())]
-    for name in ("expert", "historical"):
-        paths.append(folder / f"{name}.json")
-        timings[name] = _evaluate(name, paths[-1], args, [arg for e in errors for arg in ("--error", e)]
-                                  if name == "historical" else []) or timings.get(name, 0.0)
-        write_json(timings, timings_file)
+        seconds = _evaluate(policy, paths[-1], args, extra)
+        if seconds is not None:
+            timings[key] = seconds
+            write_json(timings, timings_file)
+        elif key not in timings:  # an evaluation file put there by hand (e.g. copied from another folder)
+            untimed.append(key)
 
     report = compare(paths, "sft", folder / "report")
     vs_other = {name: compare(paths, name, folder / f"report_vs_{sub}")
@@ -105,7 +105,8 @@ def main() -> None:
                 if name in args.methods.split(",")}
     summary_args = argparse.Namespace(seeds=args.seeds, methods=args.methods, episodes=args.episodes,
                                       log_errors=settings.get("log_errors"), base=settings.get("base"), quick=False)
-    result = summarise(report, sum(timings.values()), summary_args, vs_other)
+    result = summarise(report, sum(timings[key] for key, _, _ in jobs if key in timings), summary_args, vs_other,
+                       untimed)
     result.update({"benchmark": "learning_fresh_scenarios", "work": str(work), "eval_seed": args.eval_seed,
                    "runs_eval_seed": settings["eval_seed"], "extra_runs": dict(item.split("=", 1)
                                                                               for item in args.extra)})
