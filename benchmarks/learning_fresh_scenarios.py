@@ -38,10 +38,9 @@ def _evaluate(policy: str, out: Path, args: argparse.Namespace, extra: list[str]
     if out.exists():
         return None
     started = time.perf_counter()
-    dialogrl = Path(sys.executable).with_name("dialogrl")
-    command = [str(dialogrl), "eval", "--policy", policy, "--episodes", str(args.episodes),
+    command = [sys.executable, "-m", "dialogrl.cli", "eval", "--policy", policy, "--episodes", str(args.episodes),
                "--seed", str(args.eval_seed), "--out", str(out), *extra]
-    print(" ".join(command), flush=True)
+    print("dialogrl " + " ".join(command[3:]), flush=True)
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "TQDM_DISABLE": "1"})
     return time.perf_counter() - started
 
