@@ -41,7 +41,9 @@ def _evaluate(policy: str, out: Path, args: argparse.Namespace, extra: list[str]
     command = [sys.executable, "-m", "dialogrl.cli", "eval", "--policy", policy, "--episodes", str(args.episodes),
                "--seed", str(args.eval_seed), "--out", str(out), *extra]
     print("dialogrl " + " ".join(command[3:]), flush=True)
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "TQDM_DISABLE": "1"})
+    done = subprocess.run(command, stdout=subprocess.DEVNULL, env={**os.environ, "TQDM_DISABLE": "1"})
+    if done.returncode:  # the command printed its own one-line reason
+        sys.exit(f"the evaluation of {policy} failed (exit {done.returncode})")
     return time.perf_counter() - started
 
 
@@ -66,16 +68,17 @@ def main() -> None:
         parser.error(f"--eval-seed: {args.eval_seed} is the folder's own evaluation seed; pick another")
     if args.episodes < 1 or args.seeds < 1:
         parser.error("--episodes and --seeds must be at least 1")
-    runs: dict[str, str] = {f"{m}-s{s}": str(work / f"{m}-s{s}")
-                            for m in args.methods.split(",") for s in range(args.seeds)}
-    names = []
+    methods = args.methods.split(",")
+    if "sft" not in methods:
+        parser.error(f"--methods: every method is compared with sft, which {args.methods!r} leaves out")
+    # (evaluation name, policy for `dialogrl eval`, its extra arguments)
+    jobs = [(f"{m}-s{s}", str(work / f"{m}-s{s}"), []) for m in methods for s in range(args.seeds)]
     for item in args.extra:
         name, sep, pattern = item.partition("=")
-        if not sep or not name or "{seed}" not in pattern:
-            parser.error(f"--extra: expected NAME=PATTERN with {{seed}} in PATTERN, got {item!r}")
-        names.append(name)
-        runs.update({f"{name}-s{s}": pattern.format(seed=s) for s in range(args.seeds)})
-    missing = [path for path in runs.values() if not (Path(path) / "run.json").is_file()]
+        if not sep or not name or "{seed}" not in pattern or name in methods:
+            parser.error(f"--extra: expected NAME=PATTERN, NAME not in --methods, {{seed}} in PATTERN; got {item!r}")
+        jobs += [(f"{name}-s{s}", pattern.format(seed=s), ["--method", name]) for s in range(args.seeds)]
+    missing = [path for _, path, _ in jobs if not (Path(path) / "run.json").is_file()]
     if missing:
         parser.error(f"no finished run in {missing[0]} (and {len(missing) - 1} more)" if len(missing) > 1
                      else f"no finished run in {missing[0]}")
@@ -86,8 +89,7 @@ def main() -> None:
     timings: dict[str, float] = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
     errors = [arg for name, rate in sorted((settings.get("log_errors") or {}).items())
               for arg in ("--error", f"{name}={rate}")]
-    jobs = [(key, run_dir, ["--method", key.rpartition("-s")[0]] if key.rpartition("-s")[0] in names else [])
-            for key, run_dir in runs.items()] + [("expert", "expert", []), ("historical", "historical", errors)]
+    jobs += [("expert", "expert", []), ("historical", "historical", errors)]
     paths, untimed = [], []
     for key, policy, extra in jobs:
         paths.append(folder / f"{key}.json")
@@ -101,7 +103,7 @@ def main() -> None:
     report = compare(paths, "sft", folder / "report")
     vs_other = {name: compare(paths, name, folder / f"report_vs_{sub}")
                 for name, sub in (("sft-filtered", "filtered"), ("sft-expert", "expert_logs"))
-                if name in args.methods.split(",")}
+                if name in methods}
     summary_args = argparse.Namespace(seeds=args.seeds, methods=args.methods, episodes=args.episodes,
                                       log_errors=settings.get("log_errors"), base=settings.get("base"), quick=False)
     result = summarise(report, sum(timings[key] for key, _, _ in jobs if key in timings), summary_args, vs_other,

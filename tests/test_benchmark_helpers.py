@@ -51,7 +51,9 @@ FRESH = Path(__file__).resolve().parents[1] / "benchmarks" / "learning_fresh_sce
     ("none", [], "is not a learning-benchmark folder"),
     ("settings", ["--eval-seed", "0"], "--eval-seed: 0 is the folder's own evaluation seed"),
     ("settings", ["--methods", "sft"], "no finished run in"),
-    ("settings", ["--extra", "gae=runs/ppo"], "expected NAME=PATTERN with {seed} in PATTERN"),
+    ("settings", ["--extra", "gae=runs/ppo"], "expected NAME=PATTERN, NAME not in --methods, {seed} in PATTERN"),
+    ("settings", ["--extra", "ppo=runs/ppo-s{seed}"], "NAME not in --methods"),
+    ("settings", ["--methods", "ppo"], "every method is compared with sft"),
 ])
 def test_fresh_scenario_benchmark_refuses_bad_input_before_any_work(
         tmp_path: Path, setup: str, args: list[str], message: str) -> None:
