@@ -77,11 +77,11 @@ def main() -> None:
         name, sep, pattern = item.partition("=")
         if not sep or not name or "{seed}" not in pattern or name in methods:
             parser.error(f"--extra: expected NAME=PATTERN, NAME not in --methods, {{seed}} in PATTERN; got {item!r}")
-        jobs += [(f"{name}-s{s}", pattern.format(seed=s), ["--method", name]) for s in range(args.seeds)]
+        jobs += [(f"{name}-s{s}", pattern.replace("{seed}", str(s)), ["--method", name]) for s in range(args.seeds)]
     missing = [path for _, path, _ in jobs if not (Path(path) / "run.json").is_file()]
     if missing:
-        parser.error(f"no finished run in {missing[0]} (and {len(missing) - 1} more)" if len(missing) > 1
-                     else f"no finished run in {missing[0]}")
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        parser.error(f"no finished run in {missing[0]}{more}")
 
     folder = work / f"fresh-scenarios-seed{args.eval_seed}"
     folder.mkdir(exist_ok=True)
